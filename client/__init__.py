@@ -1,0 +1,1 @@
+"""Everything that happens inside one hospital: data loading, LR synthesis, local training."""

@@ -1,0 +1,1 @@
+"""Site folders -> volumes (NIfTI, DICOM) -> normalised arrays, with validation and subject-level splits."""

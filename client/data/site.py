@@ -1,0 +1,176 @@
+"""A site folder -> validated scans, normalised to [0, 1], each assigned to train, val or test by subject."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, replace
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+
+from client.data.dicom import read_dicom_files
+from client.data.errors import ScanError, SiteError, Skipped
+from client.data.files import list_scan_files
+from client.data.nifti import is_nifti, nifti_stem, read_nifti
+from client.data.normalise import Normalisation, fit_normalisation
+from client.data.siteconfig import SiteConfig, load_site_config
+from client.data.split import SPLITS, explicit_split, split_subjects
+from client.data.volume import Volume, validate_volume
+
+__all__ = ["Site", "SiteScan", "Skipped", "discover", "load_site"]
+
+log = logging.getLogger(__name__)
+
+_FOLDER_HINT = "check the path (the SuperNode's site-dir node config, or the simulation's sites folder)"
+
+
+@dataclass
+class SiteScan:
+    """One usable scan of a site.
+
+    ``volume``: as read (scanner units). ``image``: float32 (X, Y, Z), ``volume.array`` normalised to [0, 1].
+    ``split``: "train", "val" or "test".
+    """
+
+    volume: Volume
+    image: np.ndarray
+    normalisation: Normalisation
+    split: str
+
+
+@dataclass
+class Site:
+    """A loaded site. ``scans`` are in source order; a site with one subject lists it twice (train and val)."""
+
+    directory: Path
+    config: SiteConfig
+    scans: list[SiteScan]
+    skipped: list[Skipped]
+
+    def split(self, name: str) -> list[SiteScan]:
+        """The scans of one split ("train", "val" or "test")."""
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}: use one of {', '.join(SPLITS)}")
+        return [scan for scan in self.scans if scan.split == name]
+
+
+def discover(site_dir: str | PathLike[str], modality: str | None = None) -> tuple[list[Volume], list[Skipped]]:
+    """Every usable volume under ``site_dir`` (recursive) and every file or series skipped, with its reason.
+
+    NIfTI files (.nii, .nii.gz) are read as single scans (subject = path below ``site_dir`` without the suffix);
+    every other file is tried as DICOM, grouped into series by SeriesInstanceUID (subject = that UID).
+    Hidden files and folders, ``site.toml`` and README* are ignored silently.
+    ``modality``: the site's modality; None = that of most DICOM series, else "MR". NIfTI scans get it, and
+    DICOM series of another modality are skipped (one site, one modality).
+    Volumes failing :func:`client.data.volume.validate_volume`, 2D NIfTI files and repeated subject ids are
+    skipped. Raises :class:`SiteError` when ``site_dir`` is not an existing folder.
+    """
+    directory = _existing_folder(site_dir)
+    files = list_scan_files(directory)
+    volumes, skipped = read_dicom_files([path for path in files if not is_nifti(path)])
+    site_modality = modality or _most_common_modality(volumes) or "MR"
+    for path in filter(is_nifti, files):
+        try:
+            volume = read_nifti(path, site_modality)
+        except ScanError as error:
+            skipped.append(Skipped.from_error(error))
+            continue
+        volumes.append(replace(volume, subject=(path.relative_to(directory).parent / nifti_stem(path)).as_posix()))
+    usable: list[Volume] = []
+    sources_by_subject: dict[str, str] = {}
+    for volume in volumes:
+        try:
+            validate_volume(volume)
+            _check_modality(volume, site_modality, declared=modality is not None)
+            _check_new_subject(volume, sources_by_subject)
+        except ScanError as error:
+            skipped.append(Skipped.from_error(error))
+            continue
+        usable.append(volume)
+    for item in skipped:
+        log.info("skipped %s", item)
+    return usable, skipped
+
+
+def load_site(site_dir: str | PathLike[str]) -> Site:
+    """Load a site folder: config, usable scans normalised to [0, 1], split by subject, and what was skipped.
+
+    Raises :class:`SiteError` when the folder is missing, not a folder, empty or has no usable scan, or when
+    its site.toml is invalid.
+    """
+    directory = _existing_folder(site_dir)
+    config = load_site_config(directory)
+    volumes, skipped = discover(directory, config.modality if config.modality_source == "site.toml" else None)
+    if not volumes:
+        raise SiteError(directory, *_nothing_usable(skipped))
+    dicom_modalities = [volume.modality for volume in volumes if not is_nifti(volume.source)]
+    if config.modality_source != "site.toml" and dicom_modalities:
+        config = replace(config, modality=dicom_modalities[0], modality_source="dicom")
+    subjects = [volume.subject for volume in volumes]
+    if config.split_subjects is not None:
+        parts = explicit_split(subjects, config.split_subjects)
+    else:
+        parts = split_subjects(subjects, config.split_fractions, config.split_seed)
+    scans = []
+    for volume in volumes:
+        normalisation = fit_normalisation(volume, config.ct_window, config.mr_percentiles)
+        image = normalisation.apply(volume.array)
+        scans.extend(
+            SiteScan(volume, image, normalisation, name) for name in SPLITS if volume.subject in parts[name]
+        )
+    log.info(
+        "site %s (%s, %s): %s; %d skipped",
+        config.name, directory, config.modality,
+        ", ".join(f"{len(parts[name])} {name}" for name in SPLITS), len(skipped),
+    )
+    return Site(directory=directory, config=config, scans=scans, skipped=skipped)
+
+
+def _existing_folder(site_dir: str | PathLike[str]) -> Path:
+    directory = Path(site_dir).expanduser()
+    if not directory.exists():
+        raise SiteError(directory, "site folder does not exist", _FOLDER_HINT)
+    if not directory.is_dir():
+        raise SiteError(directory, "is a file, not a site folder", _FOLDER_HINT)
+    return directory
+
+
+def _nothing_usable(skipped: list[Skipped]) -> tuple[str, str]:
+    """(problem, hint) for a site without a usable scan."""
+    if not skipped:
+        return (
+            "site folder is empty: no scan files in it or its sub-folders",
+            "put NIfTI files (.nii, .nii.gz) or DICOM series (sub-folders allowed) in it, or fix the path",
+        )
+    examples = "; ".join(str(item) for item in skipped[:3])
+    return (
+        f"no usable scan: all {len(skipped)} files or series were skipped ({examples})",
+        "fix or replace the files listed",
+    )
+
+
+def _most_common_modality(volumes: list[Volume]) -> str | None:
+    counts = Counter(volume.modality for volume in volumes)
+    return min(counts, key=lambda m: (-counts[m], m)) if counts else None
+
+
+def _check_modality(volume: Volume, site_modality: str, declared: bool) -> None:
+    if volume.modality != site_modality:
+        why = "site.toml declares" if declared else "most of the site's DICOM series are"
+        raise ScanError(
+            volume.source,
+            f"modality {volume.modality} differs from the site's ({why} {site_modality})",
+            "a site holds one modality: move this scan to a site folder of its own",
+        )
+
+
+def _check_new_subject(volume: Volume, sources_by_subject: dict[str, str]) -> None:
+    first = sources_by_subject.setdefault(volume.subject, volume.source)
+    if first != volume.source:
+        raise ScanError(
+            volume.source,
+            f"subject id {volume.subject!r} is already used by {first}",
+            "rename one of the files (each scan needs its own id for the train/val/test split)",
+        )

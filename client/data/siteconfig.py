@@ -1,0 +1,204 @@
+"""A site's settings, from the optional ``site.toml`` in its folder (defaults when absent).
+
+Example ``site.toml`` (every key optional)::
+
+    name = "st-elsewhere"          # default: the folder name
+    modality = "MR"                # "MR" | "CT"; default: the DICOM series' modality, else "MR"
+    scanner = "Siemens Prisma 3T"
+    supervision = "paired"
+    share_previews = false         # may small preview crops leave the site?
+
+    [acquisition]                  # passed as is to client.degrade.profile_from_config
+    profile = "mr-3t-kspace"
+
+    [split]
+    seed = 0
+    fractions = [0.6, 0.2, 0.2]    # train, val, test
+    # or name the subjects (NIfTI file stem, or DICOM SeriesInstanceUID); unlisted subjects go to train:
+    # val = ["sub-03"]
+    # test = ["sub-04", "sub-05"]
+
+    [normalisation]
+    ct_window = [-160.0, 240.0]    # HU mapped to [0, 1]
+    mr_percentiles = [0.5, 99.5]   # % of foreground voxels mapped to [0, 1]
+
+    [privacy]                      # kept raw for client.privacy
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Any, NoReturn
+
+from client.data.errors import SiteError
+from client.data.files import SITE_CONFIG_NAME
+from client.data.split import SPLITS
+from client.data.volume import MODALITIES
+
+_TOP_KEYS = (
+    "name", "modality", "scanner", "supervision", "share_previews", "acquisition", "split", "normalisation", "privacy",
+)
+_SPLIT_KEYS = ("seed", "fractions", *SPLITS)
+_NORMALISATION_KEYS = ("ct_window", "mr_percentiles")
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """One site's settings.
+
+    ``modality_source``: where ``modality`` came from: "site.toml", "dicom" (the site's series) or "default".
+    ``supervision``: how the site trains (e.g. "paired"); checked by client.training.
+    ``split_fractions``: (train, val, test), summing to 1. ``split_subjects``: explicit subject lists by split
+    name ("train", "val", "test"), or None to split by fractions with ``split_seed``.
+    ``ct_window``: HU (lo, hi) mapped to [0, 1]. ``mr_percentiles``: (lo, hi) in % of foreground voxels.
+    ``acquisition`` and ``privacy`` are the raw tables, checked by their consumers.
+    """
+
+    name: str
+    modality: str = "MR"
+    modality_source: str = "default"
+    scanner: str = ""
+    supervision: str = "paired"
+    share_previews: bool = False
+    acquisition: dict[str, Any] = field(default_factory=dict)
+    split_seed: int = 0
+    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    split_subjects: dict[str, tuple[str, ...]] | None = None
+    ct_window: tuple[float, float] = (-160.0, 240.0)
+    mr_percentiles: tuple[float, float] = (0.5, 99.5)
+    privacy: dict[str, Any] = field(default_factory=dict)
+
+
+def load_site_config(site_dir: str | PathLike[str]) -> SiteConfig:
+    """Read ``site_dir/site.toml`` (defaults when absent).
+
+    Raises :class:`SiteError` naming site.toml on invalid TOML, unknown keys or bad values.
+    """
+    site_dir = Path(site_dir)
+    path = site_dir / SITE_CONFIG_NAME
+    if not path.is_file():
+        return parse_site_config({}, path, site_dir.name)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SiteError(path, f"is not valid TOML ({exc})", "fix the syntax (see https://toml.io)") from exc
+    return parse_site_config(data, path, site_dir.name)
+
+
+def parse_site_config(data: dict[str, Any], path: str | PathLike[str], default_name: str) -> SiteConfig:
+    """Build a :class:`SiteConfig` from parsed TOML ``data``; ``path`` (site.toml) is named in errors.
+
+    Without a ``modality`` key the config says "MR" with ``modality_source`` "default";
+    :func:`client.data.site.load_site` replaces it with the modality of the site's DICOM series, if any.
+    """
+    check = _Checker(Path(path))
+    check.known_keys(data, _TOP_KEYS, "")
+    split = check.table(data, "split")
+    check.known_keys(split, _SPLIT_KEYS, "[split]")
+    normalisation = check.table(data, "normalisation")
+    check.known_keys(normalisation, _NORMALISATION_KEYS, "[normalisation]")
+    modality = check.string(data, "modality", "MR").upper()
+    if modality not in MODALITIES:
+        check.fail(f"modality {data['modality']!r} is not supported", f"use one of {', '.join(MODALITIES)}")
+    return SiteConfig(
+        name=check.string(data, "name", default_name),
+        modality=modality,
+        modality_source="site.toml" if "modality" in data else "default",
+        scanner=check.string(data, "scanner", ""),
+        supervision=check.string(data, "supervision", "paired"),
+        share_previews=check.boolean(data, "share_previews", False),
+        acquisition=check.table(data, "acquisition"),
+        split_seed=check.integer(split, "seed", 0),
+        split_fractions=check.fractions(split),
+        split_subjects=check.subject_lists(split),
+        ct_window=check.pair(normalisation, "ct_window", (-160.0, 240.0), (-math.inf, math.inf)),
+        mr_percentiles=check.pair(normalisation, "mr_percentiles", (0.5, 99.5), (0.0, 100.0)),
+        privacy=check.table(data, "privacy"),
+    )
+
+
+class _Checker:
+    """Type checks for site.toml values; every failure is a :class:`SiteError` naming the file and the key."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, problem: str, hint: str) -> NoReturn:
+        raise SiteError(self.path, problem, hint)
+
+    def known_keys(self, data: dict[str, Any], known: tuple[str, ...], where: str) -> None:
+        for key in data:
+            if key not in known:
+                self.fail(
+                    f"unknown key {key!r}{' in ' + where if where else ''}",
+                    f"known keys: {', '.join(known)}; check the spelling",
+                )
+
+    def _typed(self, data: dict[str, Any], key: str, kind: type, what: str, default: Any) -> Any:
+        value = data.get(key, default)
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            self.fail(f"{key} must be {what}, got {value!r}", f"fix the value of {key}")
+        return value
+
+    def string(self, data: dict[str, Any], key: str, default: str | None = None) -> str:
+        return self._typed(data, key, str, "a string", default)
+
+    def boolean(self, data: dict[str, Any], key: str, default: bool) -> bool:
+        return self._typed(data, key, bool, "true or false", default)
+
+    def integer(self, data: dict[str, Any], key: str, default: int) -> int:
+        return self._typed(data, key, int, "an integer", default)
+
+    def table(self, data: dict[str, Any], key: str) -> dict[str, Any]:
+        return self._typed(data, key, dict, f"a table ([{key}])", {})
+
+    def pair(
+        self, data: dict[str, Any], key: str, default: tuple[float, float], bounds: tuple[float, float]
+    ) -> tuple[float, float]:
+        value = data.get(key, list(default))
+        if not (_numbers(value, 2) and bounds[0] <= value[0] < value[1] <= bounds[1]):
+            self.fail(
+                f"{key} must be two increasing numbers within {bounds}, got {value!r}",
+                f"write e.g. {key} = {list(default)}",
+            )
+        return float(value[0]), float(value[1])
+
+    def fractions(self, split: dict[str, Any]) -> tuple[float, float, float]:
+        value = split.get("fractions", [0.6, 0.2, 0.2])
+        if not (_numbers(value, 3) and min(value) >= 0 and math.isclose(sum(value), 1.0, abs_tol=1e-6)):
+            self.fail(
+                f"[split] fractions must be three numbers >= 0 (train, val, test) summing to 1, got {value!r}",
+                "write e.g. fractions = [0.6, 0.2, 0.2]",
+            )
+        return float(value[0]), float(value[1]), float(value[2])
+
+    def subject_lists(self, split: dict[str, Any]) -> dict[str, tuple[str, ...]] | None:
+        named = {name: split[name] for name in SPLITS if name in split}
+        if not named:
+            return None
+        if "fractions" in split:
+            self.fail("[split] has both fractions and subject lists", "keep one of them")
+        seen: dict[str, str] = {}
+        for name, subjects in named.items():
+            if not (isinstance(subjects, list) and all(isinstance(s, str) for s in subjects)):
+                self.fail(
+                    f"[split] {name} must be a list of subject ids (strings), got {subjects!r}",
+                    f'write e.g. {name} = ["sub-01"]',
+                )
+            for subject in subjects:
+                if seen.setdefault(subject, name) != name:
+                    self.fail(f"[split] subject {subject!r} is in both {seen[subject]} and {name}", "keep one")
+        return {name: tuple(named.get(name, [])) for name in SPLITS}
+
+
+def _numbers(value: Any, count: int) -> bool:
+    """``value`` is a list of ``count`` numbers (TOML booleans excluded)."""
+    return (
+        isinstance(value, list)
+        and len(value) == count
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    )

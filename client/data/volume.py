@@ -1,0 +1,80 @@
+"""The in-memory scan every reader returns, and the checks a scan must pass before training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from client.data.errors import ScanError
+
+MODALITIES = ("MR", "CT")
+MIN_INPLANE = 16  # voxels: smaller scans cannot feed the SR model's patches
+
+
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """One 3D scan.
+
+    ``array``: float32 (X, Y, Z), scanner units (HU for CT, arbitrary for MR); Z is the slice axis.
+    ``spacing``: mm between voxel centres along X, Y, Z.
+    ``affine``: (4, 4) float64, voxel index (i, j, k, 1) -> world mm, RAS+.
+    ``modality``: "MR" or "CT". ``source``: the file; for a DICOM series of several files, the folder holding
+    them + "#" + SeriesInstanceUID.
+    ``subject``: the scan id used for splitting (file stem, or SeriesInstanceUID).
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+    modality: str
+    source: str
+    subject: str
+
+    def __post_init__(self) -> None:
+        if self.array.ndim != 3 or self.array.dtype != np.float32:
+            raise ValueError(
+                f"{self.source}: array must be float32 (X, Y, Z), not {self.array.dtype} {self.array.shape}"
+            )
+        if self.affine.shape != (4, 4):
+            raise ValueError(f"{self.source}: affine must be (4, 4), got {self.affine.shape}")
+        if self.modality not in MODALITIES:
+            raise ValueError(f"{self.source}: modality must be one of {MODALITIES}, got {self.modality!r}")
+
+
+def spacing_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
+    """mm between voxel centres along each array axis: the lengths of the affine's first three columns."""
+    x, y, z = np.linalg.norm(affine[:3, :3], axis=0)
+    return float(x), float(y), float(z)
+
+
+def validate_volume(volume: Volume, min_inplane: int = MIN_INPLANE) -> None:
+    """Raise :class:`ScanError` if the scan cannot be trained on.
+
+    Rejects NaN/Inf voxels, a constant volume, non-positive spacing and an in-plane size (X or Y) below
+    ``min_inplane`` voxels. A single slice (Z = 1) is allowed.
+    """
+    array = volume.array
+    bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise ScanError(
+            volume.source,
+            f"{bad} of {array.size} voxels are NaN or infinite",
+            "re-export the scan from the scanner or PACS, or remove it from the site folder",
+        )
+    lo, hi = float(array.min()), float(array.max())
+    if lo == hi:
+        raise ScanError(
+            volume.source,
+            f"constant volume (every voxel is {lo:g}): there is no image in it",
+            "re-export the scan, or remove it from the site folder",
+        )
+    if min(volume.spacing) <= 0:
+        raise ScanError(volume.source, f"voxel spacing {volume.spacing} mm is not positive", "fix the file's header")
+    x, y = array.shape[:2]
+    if min(x, y) < min_inplane:
+        raise ScanError(
+            volume.source,
+            f"in-plane size {x}x{y} voxels is smaller than the {min_inplane}x{min_inplane} the model needs",
+            "use a larger scan, or remove this one from the site folder",
+        )

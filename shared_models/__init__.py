@@ -1,0 +1,1 @@
+"""Super-resolution networks, losses, metrics and checkpoints shared by client and server (pure PyTorch + MONAI)."""

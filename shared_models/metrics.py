@@ -1,0 +1,129 @@
+"""Image-quality metrics for SR (torch): PSNR, SSIM, NRMSE, HFEN, each beside the interpolation baseline.
+
+Conventions: tensors (B, C, H, W) or (B, C, D, H, W), intensities normalised to [0, 1] (data range 1.0).
+Each metric is computed per image (over all its channels and voxels) and returned as a (B,) tensor; ``score``
+averages those over the batch. SR is clamped to [0, 1] first, as a deployed model's output would be.
+Undefined cases follow the formulas: an image identical to HR has PSNR inf, and an all-constant HR image makes
+NRMSE (zero HR) / HFEN (flat HR) divide by zero, so callers should skip empty background slices.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.metrics import PSNRMetric, SSIMMetric
+from monai.networks.layers import separable_filtering
+
+from shared_models.resample import upsample_baseline
+
+__all__ = [
+    "psnr", "ssim", "nrmse", "hfen", "laplacian_of_gaussian", "upsample_baseline", "score", "score_with_baseline"
+]
+
+DATA_RANGE = 1.0
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+LOG_SIGMA = 1.5
+LOG_TRUNCATE = 4.0  # kernel radius = int(truncate * sigma + 0.5) = 6 -> 13 taps, as scipy.ndimage
+
+
+def _prepare(sr: torch.Tensor, hr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check shapes, clamp SR to [0, 1]; both as float64 for exact reductions."""
+    if sr.shape != hr.shape:
+        raise ValueError(f"SR and HR shapes differ: {tuple(sr.shape)} vs {tuple(hr.shape)}")
+    if sr.ndim not in (4, 5):
+        raise ValueError(f"expected (B, C, H, W) or (B, C, D, H, W), got shape {tuple(sr.shape)}")
+    return sr.detach().double().clamp(0.0, 1.0), hr.detach().double()
+
+
+def _norm_per_image(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(x.flatten(1), dim=1)
+
+
+def psnr(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB per image, peak = 1.0 (MONAI ``PSNRMetric``). Returns (B,)."""
+    sr, hr = _prepare(sr, hr)
+    return PSNRMetric(max_val=DATA_RANGE)(sr, hr).flatten()
+
+
+def ssim(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+    """Structural similarity per image (MONAI ``SSIMMetric``: Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03,
+    data range 1; mean over the valid (unpadded) window positions, as skimage with ``gaussian_weights=True``,
+    ``use_sample_covariance=False``). Every spatial axis must be >= 11. Returns (B,)."""
+    sr, hr = _prepare(sr, hr)
+    if min(sr.shape[2:]) < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs every spatial axis >= {SSIM_WINDOW}, got shape {tuple(sr.shape)}")
+    metric = SSIMMetric(
+        spatial_dims=sr.ndim - 2,
+        data_range=DATA_RANGE,
+        kernel_type="gaussian",
+        win_size=SSIM_WINDOW,
+        kernel_sigma=SSIM_SIGMA,
+        k1=SSIM_K1,
+        k2=SSIM_K2,
+    )
+    return metric(sr, hr).flatten()
+
+
+def nrmse(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+    """||SR - HR||_2 / ||HR||_2 per image (skimage ``normalized_root_mse(normalization='euclidean')``). Returns (B,)."""
+    sr, hr = _prepare(sr, hr)
+    return _norm_per_image(sr - hr) / _norm_per_image(hr)
+
+
+def _gaussian_kernels(sigma: float, truncate: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled, sum-normalised 1D Gaussian and its exact second derivative (scipy's ``_gaussian_kernel1d``)."""
+    radius = int(truncate * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    g0 = torch.exp(-0.5 * (x / sigma) ** 2)
+    g0 = g0 / g0.sum()
+    g2 = (x**2 / sigma**4 - 1.0 / sigma**2) * g0
+    return g0, g2
+
+
+def laplacian_of_gaussian(x: torch.Tensor, sigma: float = LOG_SIGMA, truncate: float = LOG_TRUNCATE) -> torch.Tensor:
+    """Laplacian of Gaussian over every spatial axis of (B, C, *spatial); differentiable; same shape out.
+
+    Written here because MONAI has no LoG filter (``LaplaceFilter`` is an unsmoothed 3x3 Laplacian, and a Gaussian
+    followed by it is a different discrete operator). As scipy.ndimage.gaussian_laplace: sum over axes of the
+    separable (d2/dx2 Gaussian along that axis) x (Gaussian along the others), kernels truncated at
+    ``truncate * sigma``. Borders are mirrored without repeating the edge voxel (torch "reflect" = scipy
+    ``mode="mirror"``), so each spatial axis must exceed the kernel radius. Like scipy's, the sampled truncated
+    kernel does not sum to exactly 0: a constant c gives about -1.9e-4 * c (sigma 1.5).
+    """
+    g0, g2 = _gaussian_kernels(sigma, truncate)
+    dims = x.ndim - 2
+    if min(x.shape[2:]) <= g0.numel() // 2:
+        raise ValueError(f"LoG (radius {g0.numel() // 2}) needs spatial axes > radius, got shape {tuple(x.shape)}")
+    g0, g2 = g0.to(x), g2.to(x)
+    return sum(
+        separable_filtering(x, [g2 if axis == d else g0 for axis in range(dims)], mode="reflect") for d in range(dims)
+    )
+
+
+def hfen(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+    """High-frequency error norm ||LoG(SR) - LoG(HR)|| / ||LoG(HR)|| per image, LoG sigma 1.5. Returns (B,)."""
+    sr, hr = _prepare(sr, hr)
+    log_hr = laplacian_of_gaussian(hr)
+    return _norm_per_image(laplacian_of_gaussian(sr) - log_hr) / _norm_per_image(log_hr)
+
+
+_METRICS = {"psnr": psnr, "ssim": ssim, "nrmse": nrmse, "hfen": hfen}
+
+
+@torch.no_grad()
+def score(sr: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
+    """Batch means of the per-image metrics: {"psnr" (dB), "ssim", "nrmse", "hfen"}."""
+    return {name: float(fn(sr, hr).mean()) for name, fn in _METRICS.items()}
+
+
+@torch.no_grad()
+def score_with_baseline(sr: torch.Tensor, lr: torch.Tensor, hr: torch.Tensor, scale: int) -> dict[str, float]:
+    """``score(sr, hr)`` plus the same metrics of ``upsample_baseline(lr, scale)`` under ``bicubic_*`` keys
+    (trilinear for 3D input; the key names stay ``bicubic_*``). lr: (B, C, h, w) with hr = (B, C, scale*h, scale*w)."""
+    baseline = upsample_baseline(lr, scale)
+    if baseline.shape != hr.shape:
+        raise ValueError(f"LR {tuple(lr.shape)} x{scale} gives {tuple(baseline.shape)}, HR is {tuple(hr.shape)}")
+    result = score(sr, hr)
+    result.update({f"bicubic_{name}": value for name, value in score(baseline, hr).items()})
+    return result
