@@ -73,6 +73,9 @@ def round_config(settings: RunSettings, model_name: str, model_params: dict) -> 
             "device": settings.device,
             "seed": settings.seed,
             "eval-max-slices": settings.eval_max_slices,
+            "gan-discriminator": settings.gan_discriminator,
+            "gan-warmup-rounds": settings.gan_warmup_rounds,
+            "gan-adversarial-weight": settings.gan_adversarial_weight,
         }
     )
 

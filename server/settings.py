@@ -38,6 +38,9 @@ class RunSettings:
     round_timeout: float = 3600.0
     run_dir: str = ""
     sites_dir: str = ""
+    gan_discriminator: str = "federated"
+    gan_warmup_rounds: int = 1
+    gan_adversarial_weight: float = 0.005
 
     def __post_init__(self) -> None:
         problems = []
@@ -57,6 +60,8 @@ class RunSettings:
             problems.append("learning-rate must be > 0")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.gan_discriminator not in ("federated", "local"):
+            problems.append(f"gan-discriminator must be federated or local, got {self.gan_discriminator!r}")
         if problems:
             raise ValueError("invalid run settings: " + "; ".join(problems))
 

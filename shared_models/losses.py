@@ -115,3 +115,48 @@ def build_loss(weights: Mapping[str, float]) -> CombinedLoss:
     if not active:
         raise ValueError(f"loss needs at least one positive weight, got {dict(weights)}")
     return CombinedLoss(active)
+
+
+# ------------------------------------------------------------------------------------------ adversarial terms
+# These take discriminator logits, not (SR, HR), so they are not in LOSS_TERMS. Logits may be patch maps
+# (B, 1, h, w); "E[...]" is the mean over every logit of the batch. Computed with BCE-with-logits (stable).
+
+
+def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
+
+
+def relativistic_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """ESRGAN's relativistic average discriminator loss (Jolicoeur-Martineau, 2018; Wang et al., 2018):
+
+    ``(BCE(C(real) - E[C(fake)], 1) + BCE(C(fake) - E[C(real)], 0)) / 2``: real images should look more real
+    than the average fake, fakes less real than the average real. Pass ``fake_logits`` of detached SR images.
+    """
+    return 0.5 * (_bce(real_logits - fake_logits.mean(), 1.0) + _bce(fake_logits - real_logits.mean(), 0.0))
+
+
+def relativistic_generator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """ESRGAN's relativistic average generator loss, the discriminator's with the targets swapped:
+
+    ``(BCE(C(real) - E[C(fake)], 0) + BCE(C(fake) - E[C(real)], 1)) / 2``; the generator gets gradients from
+    both the real and the fake term. ``real_logits`` may be detached (as in ESRGAN).
+    """
+    return 0.5 * (_bce(real_logits - fake_logits.mean(), 0.0) + _bce(fake_logits - real_logits.mean(), 1.0))
+
+
+def nonsaturating_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Standard GAN discriminator loss: ``BCE(C(real), 1) + BCE(C(fake), 0)`` (Goodfellow et al., 2014)."""
+    return _bce(real_logits, 1.0) + _bce(fake_logits, 0.0)
+
+
+def nonsaturating_generator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Non-saturating generator loss ``BCE(C(fake), 1)``; ``real_logits`` is unused (same signature)."""
+    del real_logits
+    return _bce(fake_logits, 1.0)
+
+
+#: name -> (generator loss, discriminator loss), each ``f(real_logits, fake_logits) -> scalar``.
+ADVERSARIAL_LOSSES = {
+    "relativistic": (relativistic_generator_loss, relativistic_discriminator_loss),
+    "nonsaturating": (nonsaturating_generator_loss, nonsaturating_discriminator_loss),
+}

@@ -115,5 +115,5 @@ def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
 
 
 # Built-in families register themselves on import (kept last: they import register_model from here).
-for _module in ("shared_models.edsr",):
+for _module in ("shared_models.edsr", "shared_models.srcnn", "shared_models.swinir"):
     importlib.import_module(_module)

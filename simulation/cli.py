@@ -169,3 +169,7 @@ def _stop(child: subprocess.Popen) -> None:
 def main() -> None:
     """Console entry point."""
     app()
+
+
+if __name__ == "__main__":
+    main()
