@@ -357,6 +357,33 @@ def degrade_throughplane(
     return hr, _finish(lr, profile, rng)
 
 
+def degrade_isotropic(
+    hr: np.ndarray,
+    profile: AcquisitionProfile,
+    scale: int,
+    spacing: Sequence[float],
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Synthesise the LR scan for 3D SR: the in-plane acquisition, thick slices every ``scale`` voxels, noise once.
+
+    Returns:
+        ``(hr_cropped, lr)``: float32 ``(scale * X', scale * Y', scale * Z')`` (centre crop on every axis) and
+        float32 ``(X', Y', Z')`` clipped to [0, 1].
+    """
+    scale = _check_scale(scale)
+    hr = _check_volume(hr, spacing)
+    if min(hr.shape) < scale:
+        raise ValueError(f"volume {hr.shape} is smaller than the scale factor {scale} on some axis")
+    hr = _centre_crop(hr, scale, (0, 1, 2))
+    if profile.inplane == "kspace":
+        lr = kspace_truncate(hr, scale, (0, 1), profile.kspace_fraction, profile.kspace_window)
+    else:
+        lr = gaussian_psf_downsample(hr, scale, (0, 1), profile.psf_fwhm_lr_px)
+    thickness = max(profile.slice_thickness_mm or 0.0, scale * float(spacing[2]))
+    lr = slice_profile_subsample(lr, scale, 2, thickness, float(spacing[2]), profile.slice_profile)
+    return hr, _finish(lr, profile, rng)
+
+
 # --------------------------------------------------------------------------------------------- helpers
 
 _NOISE: dict[str, Callable[[np.ndarray, float, np.random.Generator], np.ndarray]] = {

@@ -34,8 +34,17 @@ def evaluation_slices(hr: np.ndarray, max_slices: int) -> np.ndarray:
 def _baseline_scores(pair: ScanPair, scale: int, max_slices: int) -> dict[str, float]:
     """Bicubic metrics of a scan: they never change during a run, so they are computed once per process."""
     index = evaluation_slices(pair.hr, max_slices)
-    bicubic = upsample_baseline(_as_batch(pair.lr[:, :, index]), scale)
+    if _is_3d(pair):  # trilinear on the whole volume, then the scored slices
+        volume = upsample_baseline(torch.from_numpy(pair.lr)[None, None], scale)[0, 0].numpy()
+        bicubic = _as_batch(volume[:, :, index])
+    else:
+        bicubic = upsample_baseline(_as_batch(pair.lr[:, :, index]), scale)
     return {f"bicubic_{k}": v for k, v in score(bicubic, _as_batch(pair.hr[:, :, index])).items()}
+
+
+def _is_3d(pair: ScanPair) -> bool:
+    """Whether the pair's LR is scaled through-plane too (a 3D model's data)."""
+    return pair.lr.shape[2] != pair.hr.shape[2]
 
 
 def _as_batch(volume: np.ndarray) -> torch.Tensor:
@@ -56,7 +65,10 @@ def evaluate_pairs(
     total_slices = 0
     for pair in pairs:
         index = evaluation_slices(pair.hr, max_slices)
-        sr = super_resolve(model, pair.lr, device=device, slices=index)
+        if _is_3d(pair):  # a 3D model sees the whole volume (in tiles); score the same slices
+            sr = super_resolve(model, pair.lr, device=device)[:, :, index]
+        else:
+            sr = super_resolve(model, pair.lr, device=device, slices=index)
         scores = score(_as_batch(sr), _as_batch(pair.hr[:, :, index]))
         scores.update(_baseline_scores(pair, scale, max_slices))
         per_scan.append([scores[k] for k in METRIC_KEYS])

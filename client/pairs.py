@@ -18,7 +18,7 @@ import numpy as np
 
 from client.data.errors import SiteError
 from client.data.site import Site, Skipped, load_site
-from client.degrade import degrade_inplane, profile_from_config
+from client.degrade import degrade_inplane, degrade_isotropic, profile_from_config
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 class ScanPair:
     """One scan as a training/evaluation pair.
 
-    ``hr``: float32 (X, Y, Z) in [0, 1], cropped so X and Y are multiples of the scale.
-    ``lr``: float32 (X / scale, Y / scale, Z), the same anatomy as the site's scanner would acquire it.
+    ``hr``: float32 (X, Y, Z) in [0, 1], cropped so the scaled axes are multiples of the scale.
+    ``lr``: the same anatomy as the site's scanner would acquire it: float32 (X / scale, Y / scale, Z) for
+    in-plane SR, (X / scale, Y / scale, Z / scale) for 3D SR.
     Compared and hashed by identity (a pair is prepared once per process), so results can be cached per pair.
     """
 
@@ -47,6 +48,7 @@ class PreparedSite:
     train: tuple[ScanPair, ...]
     val: tuple[ScanPair, ...]
     skipped: tuple[Skipped, ...]
+    geometry: str = "in-plane"
 
 
 def site_seed(name: str, seed: int) -> int:
@@ -55,9 +57,15 @@ def site_seed(name: str, seed: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+#: How LR is made from HR for each kind of model: 2D models restore in-plane, 3D models every axis.
+DEGRADERS = {"in-plane": degrade_inplane, "isotropic": degrade_isotropic}
+
+
 @functools.lru_cache(maxsize=8)
-def prepare_site(site_dir: str, scale: int) -> PreparedSite:
+def prepare_site(site_dir: str, scale: int, geometry: str = "in-plane") -> PreparedSite:
     """Load a site folder once and synthesise its LR images (cached per process).
+
+    ``geometry``: "in-plane" (2D models) or "isotropic" (3D models), see :data:`DEGRADERS`.
 
     Raises :class:`SiteError` when the folder is missing, empty, has nothing usable, or lacks a train or
     validation scan.
@@ -69,7 +77,7 @@ def prepare_site(site_dir: str, scale: int) -> PreparedSite:
     for scan in site.scans:
         if scan.split not in splits:
             continue
-        hr, lr = degrade_inplane(scan.image, profile, scale, scan.volume.spacing, rng)
+        hr, lr = DEGRADERS[geometry](scan.image, profile, scale, scan.volume.spacing, rng)
         splits[scan.split].append(ScanPair(scan.volume.subject, hr, lr))
     for split, pairs in splits.items():
         if not pairs:
@@ -88,6 +96,7 @@ def prepare_site(site_dir: str, scale: int) -> PreparedSite:
         name=site.config.name,
         directory=site.directory,
         scale=scale,
+        geometry=geometry,
         train=tuple(splits["train"]),
         val=tuple(splits["val"]),
         skipped=tuple(site.skipped),

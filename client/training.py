@@ -18,23 +18,29 @@ FOREGROUND_LEVEL = 0.05
 
 
 class PatchSampler:
-    """Draws aligned (LR, HR) 2D patches from in-plane slices of a site's scans.
+    """Draws aligned (LR, HR) patches from a site's scan pairs: 2D in-plane squares or 3D cubes.
 
-    ``hr_size`` is the HR patch side in pixels; LR patches are ``hr_size // scale``. Each draw picks a scan
-    (weighted by its number of slices), a slice and a position, re-draws background patches a few times,
-    and applies one of the 8 flips/transpositions of the square (the same one to LR and HR).
+    ``hr_size`` is the HR patch side in voxels; LR patches are ``hr_size // scale``. Each draw picks a scan
+    (weighted by its number of slices), a position (for 2D a slice too), re-draws background patches a few
+    times, and applies the same random flips (and, in 2D, transposition) to LR and HR. In 3D the scan's LR must
+    be scaled along every axis (``prepare_site(..., geometry="isotropic")``).
     """
 
-    def __init__(self, pairs: Sequence[ScanPair], scale: int, hr_size: int, rng: np.random.Generator):
+    def __init__(
+        self, pairs: Sequence[ScanPair], scale: int, hr_size: int, rng: np.random.Generator, spatial_dims: int = 2
+    ):
         if not pairs:
             raise ValueError("PatchSampler needs at least one scan pair")
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         self.pairs = list(pairs)
         self.scale = scale
         self.lr_size = hr_size // scale
+        self.spatial_dims = spatial_dims
         for pair in self.pairs:
-            if min(pair.lr.shape[:2]) < self.lr_size:
+            if min(pair.lr.shape[:spatial_dims]) < self.lr_size:
                 raise ValueError(
-                    f"scan {pair.subject}: in-plane size {pair.hr.shape[:2]} is smaller than the patch size "
+                    f"scan {pair.subject}: size {pair.hr.shape[:spatial_dims]} is smaller than the patch size "
                     f"{hr_size}; lower --patch-size"
                 )
         slices = np.array([p.hr.shape[2] for p in self.pairs], dtype=np.float64)
@@ -42,27 +48,28 @@ class PatchSampler:
         self.rng = rng
 
     def _draw_one(self) -> tuple[np.ndarray, np.ndarray]:
-        s, p = self.scale, self.lr_size
+        s, p, dims = self.scale, self.lr_size, self.spatial_dims
         for _attempt in range(10):
             pair = self.pairs[self.rng.choice(len(self.pairs), p=self.weights)]
-            z = self.rng.integers(pair.lr.shape[2])
-            x = self.rng.integers(pair.lr.shape[0] - p + 1)
-            y = self.rng.integers(pair.lr.shape[1] - p + 1)
-            hr = pair.hr[x * s : (x + p) * s, y * s : (y + p) * s, z]
+            corner = [int(self.rng.integers(n - p + 1)) for n in pair.lr.shape[:dims]]
+            lr_index = tuple(slice(c, c + p) for c in corner)
+            hr_index = tuple(slice(c * s, (c + p) * s) for c in corner)
+            if dims == 2:
+                z = int(self.rng.integers(pair.lr.shape[2]))
+                lr_index, hr_index = lr_index + (z,), hr_index + (z,)
+            hr = pair.hr[hr_index]
             if hr.max() >= FOREGROUND_LEVEL:
                 break
-        lr = pair.lr[x : x + p, y : y + p, z]
-        k = self.rng.integers(8)
-        if k & 1:
-            lr, hr = lr[::-1], hr[::-1]
-        if k & 2:
-            lr, hr = lr[:, ::-1], hr[:, ::-1]
-        if k & 4:
+        lr = pair.lr[lr_index]
+        for axis in range(dims):
+            if self.rng.integers(2):
+                lr, hr = np.flip(lr, axis), np.flip(hr, axis)
+        if dims == 2 and self.rng.integers(2):
             lr, hr = lr.T, hr.T
         return lr, hr
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch: LR (B, 1, p, p) and HR (B, 1, s*p, s*p), float32 in [0, 1]."""
+        """A batch: LR (B, 1, p, p[, p]) and HR (B, 1, s*p, s*p[, s*p]), float32 in [0, 1]."""
         lrs, hrs = zip(*(self._draw_one() for _ in range(size)))
         lr = torch.from_numpy(np.ascontiguousarray(np.stack(lrs)[:, None]))
         hr = torch.from_numpy(np.ascontiguousarray(np.stack(hrs)[:, None]))

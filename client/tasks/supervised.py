@@ -19,17 +19,24 @@ def round_seed(site: PreparedSite, job: RoundJob) -> int:
     return site_seed(site.name, job.seed * 100_003 + job.server_round)
 
 
+def spatial_dims(job: RoundJob) -> int:
+    """2 or 3: the model's own setting, as the coordinator sent it."""
+    return int(job.model_params.get("spatial_dims", 2))
+
+
 @register_task("*")
 class SupervisedTask(LocalTask):
-    """Paired in-plane SR (2D models; 3D models get isotropically degraded volumes)."""
+    """Paired SR: 2D models learn in-plane SR from slices, 3D models learn from isotropically degraded cubes."""
 
     def prepare(self, site_dir: str, job: RoundJob) -> PreparedSite:
-        return prepare_site(site_dir, job.scale)
+        return prepare_site(site_dir, job.scale, "isotropic" if spatial_dims(job) == 3 else "in-plane")
 
     def train(self, model: nn.Module, site: PreparedSite, job: RoundJob, state: RecordDict) -> TrainResult:
         seed = round_seed(site, job)
         torch.manual_seed(seed)
-        sampler = PatchSampler(site.train, site.scale, job.patch_size, np.random.default_rng(seed))
+        sampler = PatchSampler(
+            site.train, site.scale, job.patch_size, np.random.default_rng(seed), spatial_dims=spatial_dims(job)
+        )
         stats = train_supervised(
             model, sampler, steps=job.local_steps, batch_size=job.batch_size,
             learning_rate=job.learning_rate, loss=job.loss, device=job.device,
