@@ -55,7 +55,7 @@ def _setup(msg: Message, context: Context, simulated_site_dirs: Sequence[str] | 
     task: LocalTask = task_for(job.model)
     site: PreparedSite = task.prepare(str(resolve_site_dir(context, simulated_site_dirs)), job)
     model = build_model(job.model, **job.model_params)
-    task.load_global(model, msg.content["arrays"].to_torch_state_dict(), context.state)
+    task.load_global(model, msg.content["arrays"].to_torch_state_dict(), context.state, site)
     return task, job, site, model
 
 

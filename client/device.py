@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -17,3 +19,20 @@ def resolve_device(spec: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {spec!r} was asked for but no CUDA GPU is visible; use --device auto or cpu")
     return device
+
+
+def mixed_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on CUDA (no loss scaling needed, unlike float16); full float32 on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def memory_format(device: torch.device, ndim: int) -> torch.memory_format:
+    """Channels-last on CUDA (faster convolutions on tensor cores), the default layout on the CPU.
+
+    ``ndim``: dimensions of the batches (4 for 2D images, 5 for volumes).
+    """
+    if device.type != "cuda":
+        return torch.contiguous_format
+    return torch.channels_last if ndim == 4 else torch.channels_last_3d

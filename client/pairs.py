@@ -71,6 +71,12 @@ def prepare_site(site_dir: str, scale: int, geometry: str = "in-plane") -> Prepa
     validation scan.
     """
     site: Site = load_site(Path(site_dir))
+    if site.config.supervision != "paired":
+        raise SiteError(
+            site.directory,
+            f"site.toml says supervision = {site.config.supervision!r}: its scans are not high-resolution targets",
+            "train a self-supervised model on it (--model smore), or remove it from this federation",
+        )
     profile = profile_from_config(site.config.acquisition, site.config.modality)
     rng = np.random.default_rng(site_seed(site.config.name, site.config.split_seed))
     splits: dict[str, list[ScanPair]] = {"train": [], "val": []}

@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 
 #: ``site.toml`` ``supervision`` values this module understands.
 SUPERVISION_MODES = ("paired", "self")
+#: ``PreparedSite.geometry`` of a site prepared here: LR differs from HR along one axis only (Z for a paired site,
+#: an in-plane axis for a self-supervised one).
+GEOMETRY = "one-axis"
 #: Self-supervised sites whose slice spacing / in-plane spacing differs from the scale by more than this
 #: fraction get a warning: the restored volume will not be isotropic.
 SPACING_TOLERANCE = 0.25
@@ -79,10 +82,9 @@ class AxisPair(ScanPair):
         if self.axis not in (0, 1, 2) or not self.across or not valid_across:
             raise ValueError(f"{self.subject}: bad axis {self.axis} / across {self.across}")
         expected = list(self.hr.shape)
-        if expected[self.axis] % self.lr.shape[self.axis]:
-            raise ValueError(f"{self.subject}: lr {self.lr.shape} is not hr {self.hr.shape} reduced along {self.axis}")
         expected[self.axis] = self.lr.shape[self.axis]
-        if tuple(expected) != self.lr.shape:
+        reduced = self.lr.shape[self.axis] >= 1 and self.hr.shape[self.axis] % self.lr.shape[self.axis] == 0
+        if not reduced or tuple(expected) != self.lr.shape:
             raise ValueError(f"{self.subject}: lr {self.lr.shape} is not hr {self.hr.shape} reduced along {self.axis}")
 
     @property
@@ -104,8 +106,8 @@ class AxisPair(ScanPair):
 
 @dataclass(frozen=True)
 class SmoreSite(PreparedSite):
-    """A site prepared for one-axis SR: ``train`` / ``val`` hold :class:`AxisPair`; ``supervision`` is
-    ``"paired"`` or ``"self"`` (the site's ``site.toml``)."""
+    """A site prepared for one-axis SR: ``geometry`` is :data:`GEOMETRY`, ``train`` / ``val`` hold
+    :class:`AxisPair`; ``supervision`` is ``"paired"`` or ``"self"`` (the site's ``site.toml``)."""
 
     supervision: str = "paired"
 
@@ -210,6 +212,7 @@ def prepare_smore_site(site_dir: str, scale: int) -> SmoreSite:
         name=site.config.name,
         directory=site.directory,
         scale=scale,
+        geometry=GEOMETRY,
         train=tuple(splits["train"]),
         val=tuple(splits["val"]),
         skipped=tuple(site.skipped),

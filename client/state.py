@@ -64,7 +64,7 @@ def _check_storable(value: Any, where: str) -> None:
     elif isinstance(value, list | tuple):
         for i, item in enumerate(value):
             _check_storable(item, f"{where}[{i}]")
-    elif not isinstance(value, torch.Tensor | _PLAIN_LEAVES):
+    elif not isinstance(value, (torch.Tensor, *_PLAIN_LEAVES)):
         raise TypeError(f"{where}: only tensors and plain values can be stored, got {type(value).__name__}")
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from client.device import memory_format, mixed_precision
 from client.pairs import ScanPair
 from shared_models.losses import build_loss
 
@@ -76,6 +77,12 @@ class PatchSampler:
         return lr, hr
 
 
+class BatchSource(Protocol):
+    """Anything that yields aligned (LR, HR) training batches, e.g. :class:`PatchSampler`."""
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 @dataclass(frozen=True)
 class TrainStats:
     """What one local training call did: mean loss over its last quarter of steps, patches seen, seconds."""
@@ -98,7 +105,7 @@ def parse_loss(spec: str) -> dict[str, float]:
 
 def train_supervised(
     model: nn.Module,
-    sampler: PatchSampler,
+    sampler: PatchSampler | BatchSource,
     *,
     steps: int,
     batch_size: int,
@@ -106,17 +113,26 @@ def train_supervised(
     loss: str,
     device: torch.device,
 ) -> TrainStats:
-    """Run ``steps`` Adam steps on sampled patches; the model is updated in place and left on ``device``."""
+    """Run ``steps`` Adam steps on sampled patches; the model is updated in place and left on ``device``.
+
+    On CUDA the forward pass runs under bfloat16 autocast with channels-last tensors; on the CPU everything is
+    float32 and, for a fixed seed, deterministic.
+    """
     criterion = build_loss(parse_loss(loss)).to(device)
     model.to(device).train()
     optimiser = torch.optim.Adam(model.parameters(), lr=learning_rate)
     losses = []
     start = time.perf_counter()
-    for _ in range(steps):
+    for step in range(steps):
         lr, hr = sampler.batch(batch_size)
-        lr, hr = lr.to(device, non_blocking=True), hr.to(device, non_blocking=True)
+        layout = memory_format(device, lr.ndim)
+        if step == 0:
+            model.to(memory_format=layout)
+        lr = lr.to(device, memory_format=layout, non_blocking=True)
+        hr = hr.to(device, non_blocking=True)
         optimiser.zero_grad(set_to_none=True)
-        value = criterion(model(lr), hr)
+        with mixed_precision(device):
+            value = criterion(model(lr).float(), hr)
         if not torch.isfinite(value):
             raise FloatingPointError("training loss became NaN/Inf; lower --learning-rate")
         value.backward()

@@ -14,12 +14,14 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from torch import nn
 
 from server.checkpoint import FINAL, LAST, write_global
 from server.run_log import RunRecorder, atomic_write_text, toml_dumps
 from server.settings import RunSettings
 from server.strategies import FederationError, SiteFedAvg
-from shared_models.registry import build_model, model_spec
+from shared_models.gan import federated_state
+from shared_models.registry import MODELS, build_model, model_spec
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,18 @@ def round_config(settings: RunSettings, model_name: str, model_params: dict) -> 
     )
 
 
+def model_from_settings(settings: RunSettings) -> nn.Module:
+    """The global model the run settings name (``spatial-dims`` only for families that take it)."""
+    if settings.model not in MODELS:
+        raise ValueError(f"unknown model {settings.model!r}; known: {', '.join(sorted(MODELS))}")
+    params = {"preset": settings.model_preset, "scale": settings.scale}
+    if "spatial_dims" in MODELS[settings.model].defaults:
+        params["spatial_dims"] = settings.spatial_dims
+    elif settings.spatial_dims != 2:
+        raise ValueError(f"model {settings.model!r} is 2D only; use --spatial-dims 2")
+    return build_model(settings.model, **params)
+
+
 def resolve_run_dir(settings: RunSettings) -> Path:
     """The run folder: ``run-dir`` or ``runs/<timestamp>``."""
     if settings.run_dir:
@@ -95,9 +109,9 @@ def run_federation(grid: Grid, settings: RunSettings) -> RunRecorder:
     recorder = RunRecorder(run_dir)
 
     nodes = wait_for_sites(grid, settings)
-    model = build_model(settings.model, preset=settings.model_preset, scale=settings.scale)
+    model = model_from_settings(settings)
     spec = model_spec(model)
-    arrays = ArrayRecord(model.state_dict())
+    arrays = ArrayRecord(federated_state(model, settings.gan_discriminator))
     config = round_config(settings, spec["name"], spec["params"])
     log.info("federation of %d sites, model %s %s", len(nodes), spec["name"], spec["params"])
 

@@ -29,6 +29,7 @@ class RunSettings:
     loss: str = "l1"
     model: str = "edsr"
     model_preset: str = "tiny"
+    spatial_dims: int = 2
     scale: int = 2
     device: str = "auto"
     seed: int = 0
@@ -52,6 +53,8 @@ class RunSettings:
             problems.append("min-sites must be >= 1")
         if self.local_steps < 1 or self.batch_size < 1:
             problems.append("local-steps and batch-size must be >= 1")
+        if self.spatial_dims not in (2, 3):
+            problems.append(f"spatial-dims must be 2 or 3, got {self.spatial_dims}")
         if self.scale not in (2, 4):
             problems.append(f"scale must be 2 or 4, got {self.scale}")
         if self.patch_size % self.scale or self.patch_size // self.scale < 8:

@@ -40,7 +40,7 @@ DISCRIMINATOR_NORMS = ("group", "spectral", "none")
 
 #: Generator hyperparameters (shared by "rrdb" and the generator half of "gan").
 RRDB_PRESETS = {
-    "tiny": {"n_blocks": 2, "width": 32, "growth": 16, "dense_layers": 4},
+    "tiny": {"n_blocks": 1, "width": 32, "growth": 16, "dense_layers": 4},
     "small": {"n_blocks": 4, "width": 48, "growth": 24, "dense_layers": 5},
     "base": {"n_blocks": 8, "width": 64, "growth": 32, "dense_layers": 5},  # ESRGAN has 23 blocks x 64/32
 }
@@ -251,6 +251,7 @@ class GANPair(nn.Module):
     ) -> None:
         super().__init__()
         _check_2d(spatial_dims)
+        self.spatial_dims = spatial_dims
         self.scale = scale
         self.generator = RRDBGenerator(
             spatial_dims=spatial_dims, in_channels=in_channels, scale=scale, n_blocks=n_blocks, width=width,

@@ -1,12 +1,13 @@
 """Applying a trained SR model to a whole scan: slice by slice for 2D models, in overlapping tiles for 3D models.
 
 Why not ``monai.inferers.sliding_window_inference`` (MONAI 1.6)? It does handle an output ``scale`` x larger than
-the window (it derives a zoom factor from the first output), but it blends every window with one and the same
-weight map: a Gaussian map keeps ~3e-4 relative weight on the window's border voxels, where a convolutional
-network sees the zero padding of the tile instead of the neighbouring voxels, so its result differs from the
-untiled forward even for an interpolation-only model (and "constant" mode averages border voxels in at full
-weight). The loop here gives each tile a weight that is zero next to the borders it shares with other tiles,
-rises smoothly across the rest of the overlap, and stays 1 on the volume's own borders.
+the window (it derives a zoom factor from the first output), but it zero-pads any axis shorter than the window
+and blends every window with one and the same weight map, so voxels a tile computed next to its own border (where
+a convolution sees the tile's padding, not the neighbouring voxels) still count: a Gaussian map keeps ~3e-4 of
+the centre weight there, "constant" mode all of it. With an untrained 3D EDSR (= trilinear interpolation) on a
+40x36x28 volume, 32^3 windows, overlap 0.25, Gaussian mode, it differs from the untiled forward by up to 0.25;
+the loop here agrees to 1e-7. It gives each tile a weight that is zero next to the borders it shares with other
+tiles, rises smoothly across the rest of the overlap, and stays 1 on the volume's own borders.
 """
 
 from __future__ import annotations

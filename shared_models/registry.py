@@ -115,5 +115,6 @@ def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
 
 
 # Built-in families register themselves on import (kept last: they import register_model from here).
-for _module in ("shared_models.edsr", "shared_models.srcnn", "shared_models.swinir"):
+for _module in ("shared_models.edsr", "shared_models.srcnn", "shared_models.swinir", "shared_models.gan",
+                "shared_models.smore"):
     importlib.import_module(_module)

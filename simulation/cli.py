@@ -13,8 +13,10 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from server.app import model_from_settings
 from server.run_log import atomic_write_text, toml_dumps
 from server.settings import RunSettings
 from simulation.progress import MetricsFollower, follower_rows, round_line, round_table, summary_table
@@ -56,13 +58,30 @@ def check(directory: Path = typer.Argument(..., help="A site folder (scans + opt
 
 
 @app.command()
+def models() -> None:
+    """List the model families, their presets, the dimensions they support and their parameter counts."""
+    from shared_models.catalog import model_catalog
+
+    table = Table(title="fedsr models (parameters for 1 channel, scale 2)")
+    for column in ("family", "preset", "spatial dims", "parameters"):
+        table.add_column(column, justify="right" if column == "parameters" else "left")
+    for row in model_catalog():
+        table.add_row(row["family"], row["preset"], ", ".join(map(str, row["spatial_dims"])), f"{row['params_2d_x2']:,}")
+    console.print(table)
+
+
+@app.command()
 def simulate(
     sites_dir: Path | None = typer.Option(
         None, "--sites-dir", help="Folder with one sub-folder per site. Default: phantom sites in RUN_DIR/sites."
     ),
     sites: int = typer.Option(DEFAULTS.num_sites, "--sites", min=1, help="Phantom sites to generate (no --sites-dir)."),
-    model: str = typer.Option(DEFAULTS.model, "--model", help="Model family (see shared_models.registry)."),
-    preset: str = typer.Option(DEFAULTS.model_preset, "--preset", help="Model size preset."),
+    model: str = typer.Option(DEFAULTS.model, "--model", help="Model family: srcnn, edsr, gan, swinir, smore (fedsr models)."),
+    preset: str = typer.Option(DEFAULTS.model_preset, "--preset", help="Model size preset: tiny, small, base."),
+    spatial_dims: int = typer.Option(DEFAULTS.spatial_dims, "--spatial-dims", help="2 (slice by slice) or 3 (volumes)."),
+    gan_discriminator: str = typer.Option(
+        DEFAULTS.gan_discriminator, "--gan-discriminator", help="GAN only: federated, or local (never leaves the site)."
+    ),
     scale: int = typer.Option(DEFAULTS.scale, "--scale", help="Super-resolution factor: 2 or 4."),
     rounds: int = typer.Option(DEFAULTS.num_rounds, "--rounds", min=1, help="Federated rounds."),
     local_steps: int = typer.Option(DEFAULTS.local_steps, "--local-steps", min=1, help="Optimiser steps per site per round."),
@@ -87,9 +106,11 @@ def simulate(
         settings = RunSettings(
             num_rounds=rounds, num_sites=len(folders), min_sites=min_sites, local_steps=local_steps,
             batch_size=batch_size, patch_size=patch_size, learning_rate=learning_rate, model=model,
-            model_preset=preset, scale=scale, device=device, seed=seed, run_dir=str(run_dir.resolve()),
+            model_preset=preset, spatial_dims=spatial_dims, gan_discriminator=gan_discriminator, scale=scale,
+            device=device, seed=seed, run_dir=str(run_dir.resolve()),
             sites_dir=str(Path(sites_dir).resolve()),
         )
+        model_from_settings(settings)  # an unknown family or a 3D request for a 2D-only family fails here
     except (ValueError, FileNotFoundError) as error:
         console.print(f"[red]error:[/] {error}")
         raise typer.Exit(2) from None

@@ -43,6 +43,7 @@ _TOP_KEYS = (
     "name", "modality", "scanner", "supervision", "share_previews", "acquisition", "split", "normalisation", "privacy",
 )
 _SPLIT_KEYS = ("seed", "fractions", *SPLITS)
+SUPERVISION = ("paired", "self")
 _NORMALISATION_KEYS = ("ct_window", "mr_percentiles")
 
 
@@ -51,7 +52,8 @@ class SiteConfig:
     """One site's settings.
 
     ``modality_source``: where ``modality`` came from: "site.toml", "dicom" (the site's series) or "default".
-    ``supervision``: how the site trains (e.g. "paired"); checked by client.training.
+    ``supervision``: "paired" (HR scans; LR is synthesised from them) or "self" (only thick-slice scans: the
+    site trains the self-supervised ``smore`` model from its own in-plane resolution).
     ``split_fractions``: (train, val, test), summing to 1. ``split_subjects``: explicit subject lists by split
     name ("train", "val", "test"), or None to split by fractions with ``split_seed``.
     ``ct_window``: HU (lo, hi) mapped to [0, 1]. ``mr_percentiles``: (lo, hi) in % of foreground voxels.
@@ -104,12 +106,15 @@ def parse_site_config(data: dict[str, Any], path: str | PathLike[str], default_n
     modality = check.string(data, "modality", "MR").upper()
     if modality not in MODALITIES:
         check.fail(f"modality {data['modality']!r} is not supported", f"use one of {', '.join(MODALITIES)}")
+    supervision = check.string(data, "supervision", "paired")
+    if supervision not in SUPERVISION:
+        check.fail(f"supervision {supervision!r} is not supported", f"use one of {', '.join(SUPERVISION)}")
     return SiteConfig(
         name=check.string(data, "name", default_name),
         modality=modality,
         modality_source="site.toml" if "modality" in data else "default",
         scanner=check.string(data, "scanner", ""),
-        supervision=check.string(data, "supervision", "paired"),
+        supervision=supervision,
         share_previews=check.boolean(data, "share_previews", False),
         acquisition=check.table(data, "acquisition"),
         split_seed=check.integer(split, "seed", 0),

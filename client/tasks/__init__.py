@@ -25,7 +25,7 @@ def register_task(*families: str):
 
 def task_for(family: str) -> LocalTask:
     """The task for a model family (supervised when the family registers none)."""
-    from client.tasks import supervised  # noqa: F401  (registers the default)
+    from client.tasks import gan, smore, supervised  # noqa: F401  (each registers its families)
 
     return TASKS.get(family, TASKS["*"])
 

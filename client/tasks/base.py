@@ -75,7 +75,9 @@ class LocalTask(ABC):
     def prepare(self, site_dir: str, job: RoundJob) -> PreparedSite:
         """The site's pairs for this task (cached per process by the implementation)."""
 
-    def load_global(self, model: nn.Module, weights: dict[str, torch.Tensor], state: RecordDict) -> None:
+    def load_global(
+        self, model: nn.Module, weights: dict[str, torch.Tensor], state: RecordDict, site: PreparedSite
+    ) -> None:
         """Put the coordinator's weights into the freshly built model (all of its keys by default)."""
         model.load_state_dict(weights)
 

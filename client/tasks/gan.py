@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +57,6 @@ DEFAULTS = {"gan-discriminator": "federated", "gan-warmup-rounds": 1, "gan-adver
 STATE_FORMAT = "fedsr-gan-discriminator"
 STATE_VERSION = 1
 _LOADED_ATTR = "_fedsr_gan_loaded"  # set by load_global on the freshly built model: what it found
-_current = threading.local()  # the site the last prepare() of this thread returned (see load_global)
 
 
 @dataclass(frozen=True)
@@ -115,7 +113,6 @@ class GanTask(LocalTask):
 
     def prepare(self, site_dir: str, job: RoundJob) -> PreparedSite:
         site = prepare_site(site_dir, job.scale)
-        _current.site = site  # the ClientApp calls load_global right after prepare, in the same thread
         return site
 
     def load_global(
@@ -123,21 +120,21 @@ class GanTask(LocalTask):
         model: nn.Module,
         weights: dict[str, torch.Tensor],
         state: RecordDict,
-        site: PreparedSite | None = None,
+        site: PreparedSite,
     ) -> None:
         """Load the coordinator's weights; in "local" mode also the site's own discriminator.
 
         Weights with discriminator keys ("federated"): every key, strictly. Without ("local"): exactly the
         generator's keys (a missing or extra key is an error), and the discriminator (plus its optimiser
         state, kept for :meth:`train`) is restored from the site's state folder when a file is there; otherwise
-        it keeps its fresh initialisation. ``site`` defaults to the site the last :meth:`prepare` returned.
+        it keeps its fresh initialisation.
         """
         pair = unwrap(model)
         if not isinstance(pair, GANPair):
             raise TypeError(f"the GAN task needs a 'gan' model, got {type(pair).__name__}")
         if any(k.startswith(DISCRIMINATOR_PREFIX) for k in weights):
             pair.load_state_dict(weights)
-            setattr(pair, _LOADED_ATTR, {"mode": "federated", "restored": None})
+            setattr(pair, _LOADED_ATTR, {"mode": "federated", "restored": None, "site": None})
             return
         expected = {k for k in pair.state_dict() if not k.startswith(DISCRIMINATOR_PREFIX)}
         missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
@@ -147,9 +144,8 @@ class GanTask(LocalTask):
                 f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
             )
         pair.load_state_dict(weights, strict=False)  # shapes are still checked
-        site = site if site is not None else getattr(_current, "site", None)
-        restored = _restore_discriminator(pair, site) if site is not None else None
-        setattr(pair, _LOADED_ATTR, {"mode": "local", "restored": restored})
+        restored = _restore_discriminator(pair, site)
+        setattr(pair, _LOADED_ATTR, {"mode": "local", "restored": restored, "site": site and site.directory})
 
     def train(self, model: nn.Module, site: PreparedSite, job: RoundJob, state: RecordDict) -> TrainResult:
         gan = GanSettings.from_job(job)
@@ -170,7 +166,10 @@ class GanTask(LocalTask):
         state_path = None
         if adversarial and gan.discriminator == "local":
             state_path = discriminator_state_path(site_state_dir({}, site.directory), pair)
-            restored = loaded["restored"] if loaded is not None else _restore_discriminator(pair, site)
+            if loaded is not None and loaded["site"] == site.directory:
+                restored = loaded["restored"]
+            else:  # load_global did not know this site (called without prepare): restore it now
+                restored = _restore_discriminator(pair, site)
             if restored is None or int(restored["round"]) >= job.server_round:
                 # No file yet, or one from another run (rounds only grow within a run; a resumed run goes on).
                 _reset_discriminator(pair, seed)

@@ -1,0 +1,54 @@
+"""The model zoo at a glance: one row per registered family and preset (for ``fedsr models``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared_models.registry import MODELS, build_model, count_parameters
+
+
+def _supported_dims(family: str, preset: str | None) -> list[int]:
+    """Spatial dims the family's constructor accepts (it raises ValueError for the others); a family without
+    a ``spatial_dims`` parameter is treated as 2D, as ``shared_models.inference`` does."""
+    if "spatial_dims" not in MODELS[family].defaults:
+        return [2]
+    preset_arg = {} if preset is None else {"preset": preset}
+    dims = []
+    for d in (2, 3):
+        try:
+            build_model(family, **preset_arg, spatial_dims=d)
+        except (ValueError, NotImplementedError):
+            continue
+        dims.append(d)
+    return dims
+
+
+def model_catalog() -> list[dict[str, Any]]:
+    """Rows ``{"family", "preset", "spatial_dims", "params_2d_x2"}``, families sorted by name, presets in their
+    declared order (``preset`` None for a family without presets).
+
+    ``spatial_dims``: the dims the family supports, e.g. [2, 3]. ``params_2d_x2``: parameter count of that preset
+    for one input channel, scale 2, in 2D (in 3D for a 3D-only family); parameters the family does not have
+    (``in_channels``, ``scale``) are left at its defaults.
+    """
+    rows = []
+    for family in sorted(MODELS):
+        defaults = MODELS[family].defaults
+        for preset in list(MODELS[family].presets) or [None]:
+            dims = _supported_dims(family, preset)
+            params: dict[str, Any] = {} if preset is None else {"preset": preset}
+            if "in_channels" in defaults:
+                params["in_channels"] = 1
+            if "scale" in defaults:
+                params["scale"] = 2
+            if "spatial_dims" in defaults and dims:
+                params["spatial_dims"] = 2 if 2 in dims else dims[0]
+            rows.append(
+                {
+                    "family": family,
+                    "preset": preset,
+                    "spatial_dims": dims,
+                    "params_2d_x2": count_parameters(build_model(family, **params)),
+                }
+            )
+    return rows

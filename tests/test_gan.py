@@ -1,0 +1,342 @@
+"""GAN family: RRDB generator + patch discriminator, adversarial losses, the site's state folder, the GAN task."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from flwr.app import RecordDict
+from torch import nn
+
+import client.tasks.gan  # noqa: F401  (registers the "gan" task)
+import shared_models.gan  # noqa: F401  (registers the "gan" and "rrdb" families)
+from client.evaluation import METRIC_KEYS
+from client.state import StateError, load_state, save_state_atomic, site_state_dir
+from client.tasks import TASKS, RoundJob
+from client.tasks.gan import GanTask, discriminator_state_path
+from shared_models.checkpoint import load_checkpoint, save_checkpoint
+from shared_models.gan import (
+    DISCRIMINATOR_PREFIX,
+    GANPair,
+    RRDBGenerator,
+    export_generator,
+    federated_state,
+)
+from shared_models.losses import (
+    nonsaturating_discriminator_loss,
+    nonsaturating_generator_loss,
+    relativistic_discriminator_loss,
+    relativistic_generator_loss,
+)
+from shared_models.registry import build_model, model_spec
+from shared_models.resample import upsample_baseline
+from simulation.phantoms import write_phantom_sites
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+METRICS = {"num-examples", "train-loss", "train-seconds", "train-patches", "d-loss", "g-adv-loss"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on the shared 2-core machine OpenMP workers spinning against other processes made
+    these small workloads several times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _randomise(model: nn.Module, seed: int = 0) -> None:
+    """Non-trivial weights everywhere (the untrained generator's zero output conv would hide differences)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+@pytest.mark.parametrize("family", ["gan", "rrdb"])
+def test_generator_output_shape(family: str, scale: int) -> None:
+    model = build_model(family, preset="tiny", scale=scale)
+    out = model(torch.rand(2, 1, 12, 10))
+    assert out.shape == (2, 1, 12 * scale, 10 * scale)
+
+
+def test_discriminator_gives_patch_logits_and_has_no_batchnorm() -> None:
+    for norm in ("group", "spectral", "none"):
+        pair = build_model("gan", preset="tiny", d_norm=norm)
+        logits = pair.discriminator(torch.rand(3, 1, 32, 32))
+        assert logits.shape == (3, 1, 3, 3)  # 32 -> 16 -> 8 -> 4 -> 3 (stride-1 4x4) -> 3
+        assert not [m for m in pair.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    with pytest.raises(ValueError, match="larger patches"):
+        pair.discriminator(torch.rand(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="norm"):
+        build_model("gan", preset="tiny", d_norm="batch")
+
+
+def test_3d_is_refused_with_a_clear_error() -> None:
+    for family in ("gan", "rrdb"):
+        with pytest.raises(ValueError, match="2D only"):
+            build_model(family, preset="tiny", spatial_dims=3)
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_untrained_pair_returns_bicubic(scale: int) -> None:
+    lr = torch.rand(2, 1, 10, 12)
+    pair = build_model("gan", preset="tiny", scale=scale)
+    with torch.no_grad():
+        torch.testing.assert_close(pair(lr), upsample_baseline(lr, scale), rtol=0, atol=1e-7)
+
+
+def test_pair_keys_and_federated_state() -> None:
+    pair = build_model("gan", preset="tiny")
+    keys = set(pair.state_dict())
+    assert keys and all(k.startswith(("generator.", DISCRIMINATOR_PREFIX)) for k in keys)
+    discriminator_keys = {k for k in keys if k.startswith(DISCRIMINATOR_PREFIX)}
+    assert discriminator_keys
+    assert set(federated_state(pair, "federated")) == keys
+    local = federated_state(pair, "local")
+    assert set(local) == keys - discriminator_keys
+    assert not any(DISCRIMINATOR_PREFIX in k or "discriminator" in k for k in local)
+    with pytest.raises(ValueError, match="federated, local"):
+        federated_state(pair, "shared")
+
+
+def test_exported_generator_checkpoint_round_trip(tmp_path: Path) -> None:
+    pair = build_model("gan", preset="tiny", scale=4, width=16, growth=8)
+    _randomise(pair)
+    generator = export_generator(pair)
+    assert isinstance(generator, RRDBGenerator) and model_spec(generator)["name"] == "rrdb"
+    path = save_checkpoint(tmp_path / "final.pt", generator, scale=4)
+    stored = torch.load(path, weights_only=True)["state_dict"]
+    assert stored and not any("discriminator" in k for k in stored)
+    loaded, meta = load_checkpoint(path)
+    assert meta["model"]["name"] == "rrdb" and meta["scale"] == 4
+    lr = torch.rand(2, 1, 9, 11)
+    pair.eval()
+    with torch.no_grad():
+        expected = pair(lr)
+        assert (expected - upsample_baseline(lr, 4)).abs().max() > 1e-3  # really not the untrained output
+        torch.testing.assert_close(loaded(lr), expected, rtol=0, atol=0)
+        torch.testing.assert_close(generator(lr), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="'gan' or 'rrdb'"):
+        export_generator(build_model("edsr", preset="tiny"))
+
+
+@pytest.fixture(scope="module")
+def mr_patch_pair() -> tuple[torch.Tensor, torch.Tensor]:
+    """A real 32x32 T1 brain patch (Colin27, axial slice 90) as HR (1, 1, 32, 32) and its 2x2-mean LR."""
+    image = nib.load(DATA / "mri" / "colin27_t1_1mm.nii.gz")
+    patch = np.asarray(image.dataobj[70:102, 100:132, 90], dtype=np.float32) / 255.0
+    hr = torch.from_numpy(patch)[None, None]
+    return F.avg_pool2d(hr, 2), hr
+
+
+def test_tiny_generator_overfits_one_real_patch_pair(mr_patch_pair) -> None:
+    """Without the global skip the untrained output is far from the HR patch; 150 Adam steps (2-4 s on one CPU
+    thread) must bring the L1 loss down at least 10x (observed 18-21x over seeds 0-2)."""
+    torch.manual_seed(0)
+    lr, hr = mr_patch_pair
+    generator = build_model("rrdb", preset="tiny", width=16, growth=8, global_residual=False)
+    steps = 150
+    optimiser = torch.optim.Adam(generator.parameters(), lr=2e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
+    losses = []
+    for _ in range(steps):
+        loss = F.l1_loss(generator(lr), hr)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        losses.append(loss.item())
+    assert losses[0] / losses[-1] >= 10.0, (losses[0], losses[-1])
+
+
+# ------------------------------------------------------------------------------------------------ losses
+
+
+def test_adversarial_losses_reward_the_right_side() -> None:
+    even = torch.zeros(4, 1, 3, 3)
+    # Indistinguishable real and fake: every logit difference is 0, each BCE term is log 2.
+    for loss in (relativistic_discriminator_loss, relativistic_generator_loss):
+        assert loss(even, even).item() == pytest.approx(math.log(2))
+    assert nonsaturating_discriminator_loss(even, even).item() == pytest.approx(2 * math.log(2))
+    assert nonsaturating_generator_loss(even, even).item() == pytest.approx(math.log(2))
+    real, fake = even + 3.0, even - 3.0  # the discriminator tells them apart
+    assert relativistic_discriminator_loss(real, fake) < 0.01 < relativistic_generator_loss(real, fake)
+    assert nonsaturating_discriminator_loss(real, fake) < 0.1 < nonsaturating_generator_loss(real, fake)
+    # The generator's relativistic loss falls as its fakes look more real than the reals.
+    fake = torch.zeros(4, 1, 3, 3, requires_grad=True)
+    relativistic_generator_loss(real, fake).backward()
+    assert (fake.grad < 0).all()
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+
+def test_site_state_dir_default_and_configured(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    default = site_state_dir({}, site)
+    assert default == site / ".fedsr-state" and default.is_dir()
+    configured = site_state_dir({"state-dir": str(tmp_path / "state" / "a")}, site)
+    assert configured == tmp_path / "state" / "a" and configured.is_dir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StateError, match="state-dir="):
+        site_state_dir({"state-dir": str(tmp_path / "file" / "sub")}, site)
+
+
+def test_state_is_written_atomically_and_read_back(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "d.pt"
+    assert load_state(path) is None
+    first = {"w": torch.arange(6.0).reshape(2, 3), "nested": {"step": torch.tensor(3), "betas": (0.9, 0.99)}}
+    save_state_atomic(path, first)
+    second = {"w": torch.ones(2), "round": 4}
+    save_state_atomic(path, second)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["d.pt"]  # no temporary file left behind
+    loaded = load_state(path)
+    assert set(loaded) == {"w", "round"} and loaded["round"] == 4
+    torch.testing.assert_close(loaded["w"], second["w"])
+    with pytest.raises(TypeError, match="only tensors and plain values"):
+        save_state_atomic(path, {"bad": object()})
+    assert sorted(p.name for p in path.parent.iterdir()) == ["d.pt"]
+    torch.testing.assert_close(load_state(path)["w"], second["w"])  # the refused write left the file as it was
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(StateError, match="d.pt: state file cannot be read"):
+        load_state(path)
+
+
+# ------------------------------------------------------------------------------------------------ task
+
+
+@pytest.fixture(scope="module")
+def site_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    (site,) = write_phantom_sites(tmp_path_factory.mktemp("sites"), n_sites=1, subjects_per_site=3, shape=(48, 48, 16))
+    return site
+
+
+def _job(server_round: int, mode: str = "federated", **changes) -> RoundJob:
+    spec = model_spec(build_model("gan", preset="tiny", width=16, growth=8, n_blocks=1, d_width=8, scale=2))
+    job = RoundJob(
+        model="gan", model_params=spec["params"], scale=2, server_round=server_round, local_steps=4, batch_size=2,
+        patch_size=32, learning_rate=1e-3, loss="l1", seed=0, eval_max_slices=4, device=torch.device("cpu"),
+        extra={"gan-discriminator": mode, "gan-warmup-rounds": 1, "gan-adversarial-weight": 0.005},
+    )
+    return dataclasses.replace(job, **changes)
+
+
+def _fresh(job: RoundJob, seed: int = 0) -> GANPair:
+    torch.manual_seed(seed)
+    return build_model(job.model, **job.model_params)
+
+
+def _discriminator(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in state.items() if k.startswith(DISCRIMINATOR_PREFIX)}
+
+
+def test_gan_task_is_registered() -> None:
+    assert isinstance(TASKS["gan"], GanTask)
+
+
+def test_warmup_round_trains_the_generator_only(site_dir: Path) -> None:
+    task, job = GanTask(), _job(server_round=1)
+    site = task.prepare(str(site_dir), job)
+    model = _fresh(job)
+    sent = {k: v.clone() for k, v in model.state_dict().items()}
+    task.load_global(model, sent, RecordDict(), site)
+    result = task.train(model, site, job, RecordDict())
+    assert set(result.metrics) == METRICS
+    assert result.metrics["d-loss"] == 0.0 and result.metrics["g-adv-loss"] == 0.0
+    assert result.metrics["num-examples"] == sum(p.hr.shape[2] for p in site.train)
+    assert set(result.weights) == set(sent)
+    for key, value in _discriminator(sent).items():
+        torch.testing.assert_close(result.weights[key], value, rtol=0, atol=0)
+    assert any(not torch.equal(result.weights[k], sent[k]) for k in sent if k.startswith("generator."))
+
+
+def test_adversarial_round_trains_both_networks(site_dir: Path) -> None:
+    task, job = GanTask(), _job(server_round=2)
+    site = task.prepare(str(site_dir), job)
+    model = _fresh(job)
+    sent = {k: v.clone() for k, v in model.state_dict().items()}
+    task.load_global(model, sent, RecordDict(), site)
+    result = task.train(model, site, job, RecordDict())
+    assert set(result.metrics) == METRICS
+    assert result.metrics["g-adv-loss"] > 0 and result.metrics["d-loss"] > 0
+    assert all(math.isfinite(v) for v in result.metrics.values())
+    changed = [k for k, v in _discriminator(sent).items() if not torch.equal(result.weights[k], v)]
+    assert changed
+    scores = task.evaluate(model, site, job)
+    assert set(METRIC_KEYS) <= set(scores) and scores["num_val_slices"] > 0
+
+
+def test_local_discriminator_stays_on_site_and_comes_back(tmp_path: Path, site_dir: Path) -> None:
+    task, job = GanTask(), _job(server_round=2, mode="local")
+    site = task.prepare(str(site_dir), job)
+    model = _fresh(job)
+    generator_only = {k: v.clone() for k, v in federated_state(model, "local").items()}
+    path = discriminator_state_path(site_state_dir({}, site.directory), model)
+    path.unlink(missing_ok=True)  # module-scoped site: start without a saved discriminator
+    task.load_global(model, generator_only, RecordDict(), site)
+    result = task.train(model, site, job, RecordDict())
+    assert set(result.metrics) == METRICS and result.metrics["d-loss"] > 0
+    assert set(result.weights) == set(generator_only)
+    assert not any("discriminator" in k for k in result.weights)
+    assert path.is_file() and path.parent == site_dir / ".fedsr-state"
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+    trained = _discriminator(model.state_dict())
+
+    # Next round: a freshly built model gets the generator from the coordinator, the discriminator from disk.
+    next_job = dataclasses.replace(job, server_round=3)
+    site = task.prepare(str(site_dir), next_job)
+    again = _fresh(next_job, seed=1)
+    assert any(not torch.equal(again.state_dict()[k], v) for k, v in trained.items())
+    task.load_global(again, result.weights, RecordDict(), site)
+    for key, value in trained.items():
+        torch.testing.assert_close(again.state_dict()[key], value, rtol=0, atol=0)
+    saved = load_state(path)
+    assert saved["round"] == 2 and saved["optimiser"]["state"]  # the optimiser's moments are kept too
+    result = task.train(again, site, next_job, RecordDict())
+    assert load_state(path)["round"] == 3
+    assert not any("discriminator" in k for k in result.weights)
+
+
+def test_local_mode_refuses_weights_that_do_not_match(site_dir: Path) -> None:
+    task, job = GanTask(), _job(server_round=2, mode="local")
+    site = task.prepare(str(site_dir), job)
+    model = _fresh(job)
+    task.load_global(model, dict(model.state_dict()), RecordDict(), site)  # the coordinator sent the discriminator
+    with pytest.raises(ValueError, match="must send the generator only"):
+        task.train(model, site, job, RecordDict())
+    partial = federated_state(model, "local")
+    partial.pop(next(iter(partial)))
+    with pytest.raises(ValueError, match="missing"):
+        task.load_global(_fresh(job), partial, RecordDict(), site=site)
+
+
+def test_a_new_run_starts_a_fresh_reproducible_local_discriminator(site_dir: Path) -> None:
+    """A saved discriminator from a round >= the current one belongs to another run: it is replaced by a fresh
+    one seeded like the round, so two runs with the same seed train identically whatever was on disk."""
+    task, job = GanTask(), _job(server_round=2, mode="local")
+    site = task.prepare(str(site_dir), job)
+    discriminator_state_path(site_state_dir({}, site.directory), _fresh(job)).unlink(missing_ok=True)
+    results = []
+    for build_seed in (0, 5):  # the second run finds the first run's round-2 file on disk
+        model = _fresh(job, seed=0)
+        sent = {k: v.clone() for k, v in federated_state(model, "local").items()}
+        model = _fresh(job, seed=build_seed)  # a differently initialised discriminator
+        task.prepare(str(site_dir), job)
+        task.load_global(model, sent, RecordDict(), site)
+        results.append(task.train(model, site, job, RecordDict()))
+    for key, value in results[0].weights.items():
+        torch.testing.assert_close(results[1].weights[key], value, rtol=0, atol=0)
+    assert results[1].metrics["d-loss"] == results[0].metrics["d-loss"]
