@@ -65,10 +65,7 @@ def evaluate_pairs(
     total_slices = 0
     for pair in pairs:
         index = evaluation_slices(pair.hr, max_slices)
-        if _is_3d(pair):  # a 3D model sees the whole volume (in tiles); score the same slices
-            sr = super_resolve(model, pair.lr, device=device)[:, :, index]
-        else:
-            sr = super_resolve(model, pair.lr, device=device, slices=index)
+        sr = super_resolve(model, pair.lr, device=device, slices=index)  # 3D: only the tiles these slices need
         scores = score(_as_batch(sr), _as_batch(pair.hr[:, :, index]))
         scores.update(_baseline_scores(pair, scale, max_slices))
         per_scan.append([scores[k] for k in METRIC_KEYS])

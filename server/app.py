@@ -14,6 +14,7 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+import torch
 from torch import nn
 
 from server.checkpoint import FINAL, LAST, write_global
@@ -91,6 +92,7 @@ def model_from_settings(settings: RunSettings) -> nn.Module:
         params["spatial_dims"] = settings.spatial_dims
     elif settings.spatial_dims != 2:
         raise ValueError(f"model {settings.model!r} is 2D only; use --spatial-dims 2")
+    torch.manual_seed(settings.seed)  # the initial global weights are part of a reproducible run
     return build_model(settings.model, **params)
 
 

@@ -20,9 +20,17 @@ import torch
 from torch import nn
 
 from shared_models.registry import model_spec
+from shared_models.smore import super_resolve_through_plane
 
 TILE = 32  # LR voxels per tile side (3D)
 OVERLAP = 8  # LR voxels shared by neighbouring tiles
+
+
+def _family(model: nn.Module) -> str | None:
+    try:
+        return model_spec(model)["name"]
+    except (ValueError, AttributeError):
+        return None
 
 
 def model_spatial_dims(model: nn.Module) -> int:
@@ -46,7 +54,8 @@ def super_resolve(
     overlap: int = OVERLAP,
     tile_batch_size: int = 2,
 ) -> np.ndarray:
-    """Super-resolve a scan with a 2D model (in-plane, slice by slice) or a 3D model (whole volume, in tiles).
+    """Super-resolve a scan with a 2D model (in-plane, slice by slice), a 3D model (whole volume, in tiles) or a
+    SMORE model (through-plane: (X, Y, Z) -> (X, Y, s*Z), ``slices`` then index the output Z).
 
     Args:
         model: built by ``build_model``; ``spatial_dims`` in its spec picks the path (missing: 2D).
@@ -67,6 +76,9 @@ def super_resolve(
     model.eval().to(device)
     if lr_volume.ndim != 3:
         raise ValueError(f"lr_volume must be (X, Y, Z), got shape {lr_volume.shape}")
+    if _family(model) == "smore":  # restores Z only, from both orthogonal through-plane orientations
+        out = super_resolve_through_plane(model, lr_volume, device=device, batch_size=batch_size)
+        return out if slices is None else out[:, :, np.asarray(slices)]
     if model_spatial_dims(model) == 3:
         volume = torch.from_numpy(np.ascontiguousarray(lr_volume, dtype=np.float32))[None, None]
         out = _tiled(
@@ -101,7 +113,8 @@ def tiled_forward(
     the rest of the overlap, and 1 elsewhere (including the volume's own borders); the weighted outputs are
     divided by the summed weights. Where a model's receptive field reaches no further than ``overlap // 4`` LR
     voxels, the result equals the untiled forward (up to float rounding); beyond that the ramp hides the seams.
-    Not clamped. ``device``: where the model runs (default: where its parameters are).
+    Not clamped. ``device``: where the model runs (default: where its parameters are). The model is used as it is
+    (call ``model.eval()`` first); ``super_resolve`` does that for you.
     """
     if lr.ndim != 5:
         raise ValueError(f"tiled_forward expects (B, C, D, H, W), got shape {tuple(lr.shape)}")

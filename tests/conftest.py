@@ -9,6 +9,8 @@ from types import SimpleNamespace
 import nibabel as nib
 import numpy as np
 import pytest
+
+from client.degrade import slice_profile_subsample
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
@@ -185,3 +187,21 @@ def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None)
 def make() -> SimpleNamespace:
     """Writers of test inputs: ``make.series``, ``make.multiframe``, ``make.stored``, ``make.nifti``."""
     return SimpleNamespace(series=write_series, multiframe=write_multiframe, stored=stored_volume, nifti=write_nifti)
+
+
+def make_thick_site(site_dir: Path, scale: int) -> dict[str, np.ndarray]:
+    """Turn a phantom site into a thick-slice site: every scan acquired with a contiguous gaussian slice profile
+    every ``scale`` slices (1 mm -> ``scale`` mm along Z), ``supervision = "self"`` in its site.toml.
+    Returns the thin originals by subject (the truth such a site never has)."""
+    truth = {}
+    for path in sorted(site_dir.glob("*.nii.gz")):
+        image = nib.load(path)
+        thin = np.asarray(image.dataobj, dtype=np.float32)
+        thick = slice_profile_subsample(thin, scale, 2, float(scale), 1.0)
+        affine = image.affine.copy()
+        affine[:3, 2] *= scale
+        nib.save(nib.Nifti1Image(np.round(thick), affine), path)
+        truth[path.name.removesuffix(".nii.gz")] = thin
+    toml = site_dir / "site.toml"
+    toml.write_text('supervision = "self"\n' + toml.read_text())
+    return truth

@@ -38,6 +38,7 @@ from shared_models.smore import (
     super_resolve_through_plane,
 )
 from simulation.phantoms import write_phantom_sites
+from tests.conftest import make_thick_site
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SCALE = 2
@@ -237,22 +238,6 @@ class Sites:
     thin_truth: dict[str, np.ndarray]  # the thick site's scans before slice acquisition, scanner units, by subject
 
 
-def _make_thick_site(site_dir: Path, scale: int) -> dict[str, np.ndarray]:
-    """Turn a phantom site into a thick-slice site: every scan acquired with a contiguous gaussian slice profile
-    every ``scale`` slices (1 mm -> ``scale`` mm along Z), ``supervision = "self"`` in its site.toml.
-    Returns the thin originals by subject (the truth such a site never has)."""
-    truth = {}
-    for path in sorted(site_dir.glob("*.nii.gz")):
-        image = nib.load(path)
-        thin = np.asarray(image.dataobj, dtype=np.float32)
-        thick = slice_profile_subsample(thin, scale, 2, float(scale), 1.0)
-        affine = image.affine.copy()
-        affine[:3, 2] *= scale
-        nib.save(nib.Nifti1Image(np.round(thick), affine), path)
-        truth[path.name.removesuffix(".nii.gz")] = thin
-    toml = site_dir / "site.toml"
-    toml.write_text('supervision = "self"\n' + toml.read_text())
-    return truth
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +245,7 @@ def sites(tmp_path_factory) -> Sites:
     """3 phantom subjects per site (one each in train / val / test)."""
     root = tmp_path_factory.mktemp("smore-sites")
     paired, thick = write_phantom_sites(root, n_sites=2, subjects_per_site=3, shape=(48, 48, 24))
-    return Sites(str(paired), str(thick), _make_thick_site(thick, SCALE))
+    return Sites(str(paired), str(thick), make_thick_site(thick, SCALE))
 
 
 @pytest.fixture(scope="module")
