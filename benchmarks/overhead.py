@@ -20,29 +20,26 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from client.pairs import prepare_site
 from client.tasks.supervised import SupervisedTask
 from client.tasks.base import RoundJob
+from server.app import model_from_settings, round_config
 from server.run_log import atomic_write_text, toml_dumps
 from server.settings import RunSettings
-from shared_models.registry import build_model
+from shared_models.registry import build_model, model_spec
 from simulation.phantoms import write_phantom_sites
 from simulation.runner import run as run_federation
 from simulation.runner import site_folders
 
 
 def round_job(settings: RunSettings, server_round: int) -> RoundJob:
-    """The instructions a client gets in a round, built directly (no ConfigRecord, no Flower)."""
-    return RoundJob(
-        model=settings.model, model_params={"preset": settings.model_preset, "scale": settings.scale},
-        scale=settings.scale, server_round=server_round,
-        local_steps=settings.local_steps, batch_size=settings.batch_size, patch_size=settings.patch_size,
-        learning_rate=settings.learning_rate, loss=settings.loss, seed=settings.seed,
-        eval_max_slices=settings.eval_max_slices, device=torch.device("cpu"),
-    )
+    """The instructions a client gets in a round: the coordinator's ConfigRecord, read as the ClientApp reads it."""
+    spec = model_spec(model_from_settings(settings))
+    config = round_config(settings, spec["name"], spec["params"])
+    config["server-round"] = server_round
+    return RoundJob.from_config(config, torch.device("cpu"))
 
 
 def plain_loop(settings: RunSettings, folders: list[str]) -> dict[str, float]:

@@ -8,12 +8,13 @@ atomically: a reader sees the old file or the new one, never half of one.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from shared_models.atomic import atomic_write
 
 #: Name of the state folder inside the site folder when the node config names none (hidden: the site
 #: loader skips hidden folders, so state files are never mistaken for scans).
@@ -79,23 +80,7 @@ def save_state_atomic(path: Path | str, tensors: Mapping[str, Any]) -> Path:
     path = Path(path)
     _check_storable(dict(tensors), path.name)
     payload = _to_cpu(dict(tensors))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
+    return atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
 def load_state(path: Path | str) -> dict | None:

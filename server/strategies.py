@@ -50,6 +50,7 @@ class SiteFedAvg(FedAvg):
                 log.error("round %d: update from site %s rejected: %s", server_round, site, problem)
                 continue
             usable.append(msg)
+        usable.sort(key=site_name)  # a fixed summation order: the aggregate does not depend on arrival order
         if len(usable) < self.required_sites:
             raise FederationError(
                 f"round {server_round} {phase}: only {len(usable)} site(s) replied usably, "

@@ -16,7 +16,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from client.training import parse_loss
 from server.app import model_from_settings
+from shared_models.losses import build_loss
 from server.run_log import atomic_write_text, toml_dumps
 from server.settings import RunSettings
 from simulation.progress import MetricsFollower, follower_rows, round_line, round_table, summary_table
@@ -88,6 +90,9 @@ def simulate(
     batch_size: int = typer.Option(DEFAULTS.batch_size, "--batch-size", min=1, help="Patches per step."),
     patch_size: int = typer.Option(DEFAULTS.patch_size, "--patch-size", help="HR patch side in pixels."),
     learning_rate: float = typer.Option(DEFAULTS.learning_rate, "--learning-rate", help="Adam learning rate."),
+    loss: str = typer.Option(
+        DEFAULTS.loss, "--loss", help="Weighted terms: l1, mse, charbonnier, ssim, hfen, fft, e.g. 'l1:1,ssim:0.2'."
+    ),
     min_sites: int = typer.Option(DEFAULTS.min_sites, "--min-sites", min=1, help="Sites that must reply each round."),
     run_dir: Path | None = typer.Option(None, "--run-dir", help="Output folder. Default: runs/<timestamp>."),
     device: str = typer.Option(DEFAULTS.device, "--device", help="auto (CUDA when present), cpu, cuda or cuda:N."),
@@ -95,27 +100,28 @@ def simulate(
 ) -> None:
     """Run a whole federation on this machine with Flower's simulation engine."""
     run_dir = run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    if sites_dir is None:
-        sites_dir = run_dir / "sites"
-        if not sites_dir.exists():
-            make_phantoms(sites_dir, sites=sites, subjects=6, seed=seed)
-    try:
-        folders = site_folders(sites_dir)
+    try:  # every flag is checked before anything is written or started
         settings = RunSettings(
-            num_rounds=rounds, num_sites=len(folders), min_sites=min_sites, local_steps=local_steps,
-            batch_size=batch_size, patch_size=patch_size, learning_rate=learning_rate, model=model,
+            num_rounds=rounds, num_sites=sites, min_sites=min_sites, local_steps=local_steps,
+            batch_size=batch_size, patch_size=patch_size, learning_rate=learning_rate, loss=loss, model=model,
             model_preset=preset, spatial_dims=spatial_dims, gan_discriminator=gan_discriminator, scale=scale,
             device=device, seed=seed, run_dir=str(run_dir.resolve()),
-            sites_dir=str(Path(sites_dir).resolve()),
         )
         model_from_settings(settings)  # an unknown family or a 3D request for a 2D-only family fails here
+        build_loss(parse_loss(settings.loss))  # so does an unknown loss term
+        if sites_dir is None:
+            sites_dir = run_dir / "sites"
+            if not sites_dir.exists():
+                make_phantoms(sites_dir, sites=sites, subjects=6, seed=seed)
+        folders = site_folders(sites_dir)
+        settings = settings.replace(num_sites=len(folders), sites_dir=str(Path(sites_dir).resolve()))
     except (ValueError, FileNotFoundError) as error:
         console.print(f"[red]error:[/] {error}")
         raise typer.Exit(2) from None
     for folder in folders:
         print_site_report(console, check_site_folder(Path(folder)), brief=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.toml", toml_dumps(settings.to_run_config()))
     code = _follow(run_dir, settings)
     summary_path = run_dir / "summary.json"

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 import tomllib
-from pathlib import Path
 
 import pytest
 
@@ -99,3 +98,26 @@ def test_a_missing_sites_folder_is_a_clear_error(tmp_path):
     proc = fedsr("simulate", "--run-dir", str(tmp_path / "r"), "--sites-dir", str(tmp_path / "nowhere"))
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "does not exist" in out
+
+
+def test_models_lists_every_family_with_its_parameter_count():
+    proc = fedsr("models")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    for family in ("srcnn", "edsr", "swinir", "gan", "smore"):
+        assert family in out
+    assert "1,367,553" in out  # EDSR base, 1 channel, x2
+
+
+def test_sites_check_lists_scans_and_every_unusable_file(tmp_path):
+    from simulation.phantoms import write_phantom_sites
+
+    (site,) = write_phantom_sites(tmp_path, n_sites=1, subjects_per_site=3, shape=(32, 32, 16))
+    (site / "scan.dcm").write_bytes(b"\x00" * 200)
+    proc = fedsr("sites", "check", str(site))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "sub-001" in out and "train" in out and "scan.dcm" in out and "skipped" in out
+    proc = fedsr("sites", "check", str(tmp_path / "missing"))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "does not exist" in out

@@ -14,7 +14,6 @@ import torch
 from flwr.app import RecordDict
 from torch import nn
 
-import shared_models.smore  # noqa: F401  (registers the "smore" model family)
 from client.selfsup import PlaneSampler, SmoreSite, evaluate_axis_pairs, prepare_smore_site, training_planes
 from client.tasks import register_task
 from client.tasks.base import LocalTask, RoundJob, TrainResult
