@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from client.data.errors import SiteError
 from client.data.site import Site, Skipped, load_site
@@ -95,8 +96,8 @@ def prepare_site(site_dir: str, scale: int, geometry: str = "in-plane") -> Prepa
     for item in site.skipped:
         log.warning("site %s: skipped %s: %s", site.config.name, item.path, item.reason)
     log.info(
-        "site %s: %d train and %d val scans, %d files skipped",
-        site.config.name, len(splits["train"]), len(splits["val"]), len(site.skipped),
+        "site %s: %d train and %d val scans, %d files skipped (torch threads: %d)",
+        site.config.name, len(splits["train"]), len(splits["val"]), len(site.skipped), torch.get_num_threads(),
     )
     return PreparedSite(
         name=site.config.name,

@@ -33,13 +33,22 @@ def site_folders(sites_dir: str | Path) -> list[str]:
 
 
 def backend_config(settings: RunSettings, num_sites: int) -> dict:
-    """Ray resources: one CPU per simulated site; a share of the GPU each when the run uses CUDA."""
+    """Ray resources: every simulated site runs at once, sharing the CPUs equally (and the GPU, if used).
+
+    With more sites than cores each gets a fraction of a core, so all sites train concurrently and no round
+    waits for a second wave of sites (:func:`threads_per_site` keeps each to its share of threads).
+    """
     uses_gpu = settings.device != "cpu" and torch.cuda.is_available()
     cpus = os.cpu_count() or 1
     return {
-        "client_resources": {"num_cpus": 1, "num_gpus": 1.0 / min(num_sites, 4) if uses_gpu else 0.0},
+        "client_resources": {"num_cpus": cpus / num_sites, "num_gpus": 1.0 / min(num_sites, 4) if uses_gpu else 0.0},
         "init_args": {"num_cpus": cpus, "num_gpus": 1 if uses_gpu else 0, "log_to_driver": True},
     }
+
+
+def threads_per_site(num_sites: int) -> str:
+    """Torch threads for each simulated site: its share of the cores, at least one."""
+    return str(max(1, (os.cpu_count() or 1) // num_sites))
 
 
 def run(run_dir: Path) -> None:
@@ -49,6 +58,8 @@ def run(run_dir: Path) -> None:
     settings = RunSettings.from_run_config(tomllib.loads((run_dir / "config.toml").read_text()))
     sites = site_folders(settings.sites_dir)
     settings = settings.replace(run_dir=str(run_dir), num_sites=len(sites))
+    # Ray's workers inherit this process's environment; Ray itself only sets the thread count where it is unset.
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = threads_per_site(len(sites))
     run_simulation(
         server_app=build_server_app(settings),
         client_app=build_client_app(sites),
