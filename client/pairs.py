@@ -58,6 +58,17 @@ def site_seed(name: str, seed: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+def require_train_and_val(site: Site, splits: dict[str, list]) -> None:
+    """Raise :class:`SiteError` naming the site when its train or val split ended up empty."""
+    for split, pairs in splits.items():
+        if not pairs:
+            raise SiteError(
+                site.directory,
+                f"no usable scan in the {split} split",
+                "add scans or change [split] in site.toml so that train and val each get at least one",
+            )
+
+
 #: How LR is made from HR for each kind of model: 2D models restore in-plane, 3D models every axis.
 DEGRADERS = {"in-plane": degrade_inplane, "isotropic": degrade_isotropic}
 
@@ -86,13 +97,7 @@ def prepare_site(site_dir: str, scale: int, geometry: str = "in-plane") -> Prepa
             continue
         hr, lr = DEGRADERS[geometry](scan.image, profile, scale, scan.volume.spacing, rng)
         splits[scan.split].append(ScanPair(scan.volume.subject, hr, lr))
-    for split, pairs in splits.items():
-        if not pairs:
-            raise SiteError(
-                site.directory,
-                f"no usable scan in the {split} split",
-                "add scans or change [split] in site.toml so that train and val each get at least one",
-            )
+    require_train_and_val(site, splits)
     for item in site.skipped:
         log.warning("site %s: skipped %s: %s", site.config.name, item.path, item.reason)
     log.info(

@@ -43,7 +43,7 @@ from client.data.files import SITE_CONFIG_NAME
 from client.data.site import Site, load_site
 from client.degrade import AcquisitionProfile, degrade_throughplane, profile_from_config, slice_profile_subsample
 from client.evaluation import METRIC_KEYS, evaluation_slices
-from client.pairs import PreparedSite, ScanPair, site_seed
+from client.pairs import PreparedSite, ScanPair, require_train_and_val, site_seed
 from client.training import FOREGROUND_LEVEL
 from shared_models.metrics import score
 from shared_models.smore import interpolate_through_plane, super_resolve_planes, super_resolve_through_plane
@@ -197,13 +197,7 @@ def prepare_smore_site(site_dir: str, scale: int) -> SmoreSite:
         _check_thick_spacing(site.config.name, subject, spacing, scale)
         axes = (1, 0) if scan.split == "train" else (1,)
         splits[scan.split].extend(inplane_pair(subject, scan.image, profile, scale, spacing, a) for a in axes)
-    for split, pairs in splits.items():
-        if not pairs:
-            raise SiteError(
-                site.directory,
-                f"no usable scan in the {split} split",
-                "add scans or change [split] in site.toml so that train and val each get at least one",
-            )
+    require_train_and_val(site, splits)
     log.info(
         "site %s (%s supervision, one-axis x%d): %d train and %d val pairs, %d files skipped",
         site.config.name, supervision, scale, len(splits["train"]), len(splits["val"]), len(site.skipped),
