@@ -9,6 +9,8 @@ from types import SimpleNamespace
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 from client.degrade import slice_profile_subsample
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -181,6 +183,44 @@ def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None)
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), path)
     return path
+
+
+#: The real scans beside the project (``../shared/data``), see its SOURCES.md.
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, OpenMP workers spinning against other processes made
+    small workloads up to 10x slower than a single thread."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def mr_patch_pair() -> tuple[torch.Tensor, torch.Tensor]:
+    """A real 32x32 T1 brain patch (Colin27, axial slice 90) as HR (1, 1, 32, 32) and its 2x2-mean LR."""
+    image = nib.load(DATA / "mri" / "colin27_t1_1mm.nii.gz")
+    patch = np.asarray(image.dataobj[70:102, 100:132, 90], dtype=np.float32) / 255.0
+    hr = torch.from_numpy(patch)[None, None]
+    return F.avg_pool2d(hr, 2), hr
+
+
+def overfit_losses(model: torch.nn.Module, lr: torch.Tensor, hr: torch.Tensor, steps: int, learning_rate: float) -> list[float]:
+    """L1 loss of every step of Adam with a cosine schedule fitting ``model(lr)`` to ``hr``."""
+    optimiser = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
+    losses = []
+    for _ in range(steps):
+        loss = F.l1_loss(model(lr), hr)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        losses.append(loss.item())
+    return losses
 
 
 @pytest.fixture

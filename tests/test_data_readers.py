@@ -16,8 +16,7 @@ from client.data.errors import ScanError
 from client.data.nifti import read_nifti
 from client.data.normalise import Normalisation, fit_normalisation
 from client.data.volume import Volume, validate_volume
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from tests.conftest import DATA
 
 
 def _assert_geometry(volume: Volume, written) -> None:

@@ -6,11 +6,8 @@ import dataclasses
 import math
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from flwr.app import RecordDict
 from torch import nn
 
@@ -37,19 +34,11 @@ from shared_models.losses import (
 from shared_models.registry import build_model, model_spec
 from shared_models.resample import upsample_baseline
 from simulation.phantoms import write_phantom_sites
+from tests.conftest import overfit_losses
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 METRICS = {"num-examples", "train-loss", "train-seconds", "train-patches", "d-loss", "g-adv-loss"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine OpenMP workers spinning against other processes made
-    these small workloads several times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _randomise(model: nn.Module, seed: int = 0) -> None:
@@ -132,15 +121,6 @@ def test_exported_generator_checkpoint_round_trip(tmp_path: Path) -> None:
         export_generator(build_model("edsr", preset="tiny"))
 
 
-@pytest.fixture(scope="module")
-def mr_patch_pair() -> tuple[torch.Tensor, torch.Tensor]:
-    """A real 32x32 T1 brain patch (Colin27, axial slice 90) as HR (1, 1, 32, 32) and its 2x2-mean LR."""
-    image = nib.load(DATA / "mri" / "colin27_t1_1mm.nii.gz")
-    patch = np.asarray(image.dataobj[70:102, 100:132, 90], dtype=np.float32) / 255.0
-    hr = torch.from_numpy(patch)[None, None]
-    return F.avg_pool2d(hr, 2), hr
-
-
 def test_tiny_generator_overfits_one_real_patch_pair(mr_patch_pair) -> None:
     """Without the global skip the untrained output is far from the HR patch; 150 Adam steps (2-4 s on one CPU
     thread) must bring the L1 loss down at least 10x (observed 18-21x over seeds 0-2)."""
@@ -148,16 +128,7 @@ def test_tiny_generator_overfits_one_real_patch_pair(mr_patch_pair) -> None:
     lr, hr = mr_patch_pair
     generator = build_model("rrdb", preset="tiny", width=16, growth=8, global_residual=False)
     steps = 150
-    optimiser = torch.optim.Adam(generator.parameters(), lr=2e-3)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
-    losses = []
-    for _ in range(steps):
-        loss = F.l1_loss(generator(lr), hr)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        losses.append(loss.item())
+    losses = overfit_losses(generator, lr, hr, steps, 2e-3)
     assert losses[0] / losses[-1] >= 10.0, (losses[0], losses[-1])
 
 

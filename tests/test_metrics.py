@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -14,8 +13,7 @@ from skimage.metrics import normalized_root_mse, peak_signal_noise_ratio, struct
 
 from shared_models import metrics
 from shared_models.losses import LOSS_TERMS, build_loss
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from tests.conftest import DATA
 
 
 def _load(relative: str, lo: float, hi: float) -> np.ndarray:
@@ -91,19 +89,6 @@ def test_score_is_the_batch_mean_of_per_image_values_with_sr_clamped(hr_sr) -> N
         assert result[name] == pytest.approx(expected, abs=tolerance)
     unclamped = np.mean([peak_signal_noise_ratio(hr[i], sr[i], data_range=1.0) for i in range(len(hr))])
     assert result["psnr"] > unclamped + 0.1  # the clamp changed the numbers
-
-
-def test_score_with_baseline_reports_the_interpolation_beside_the_model(hr_sr) -> None:
-    hr = _batch(hr_sr[0])
-    lr = F.avg_pool2d(hr, 2)
-    baseline = metrics.upsample_baseline(lr, 2)
-    result = metrics.score_with_baseline(hr, lr, hr, scale=2)  # a "perfect" model next to bicubic
-    assert set(result) == {f"{p}{m}" for p in ("", "bicubic_") for m in ("psnr", "ssim", "nrmse", "hfen")}
-    assert result == {**metrics.score(hr, hr), **{f"bicubic_{k}": v for k, v in metrics.score(baseline, hr).items()}}
-    assert result["ssim"] == pytest.approx(1.0) and result["nrmse"] == 0.0 and result["hfen"] == 0.0
-    assert result["bicubic_psnr"] > 25 and result["bicubic_ssim"] < 1
-    with pytest.raises(ValueError, match="HR is"):
-        metrics.score_with_baseline(hr, lr[..., :-1], hr, scale=2)
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 7, 9), (1, 1, 4, 5, 6)])

@@ -6,11 +6,9 @@ import copy
 import math
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from shared_models import registry
@@ -20,27 +18,7 @@ from shared_models.inference import super_resolve, tiled_forward
 from shared_models.registry import build_model, count_parameters, model_spec
 from shared_models.resample import upsample_baseline
 from shared_models.swinir import WindowAttention
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine OpenMP workers spinning against other processes made
-    small workloads several times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def mr_patch_pair() -> tuple[torch.Tensor, torch.Tensor]:
-    """A real 32x32 T1 brain patch (Colin27, axial slice 90) as HR (1, 1, 32, 32) and its 2x2-mean LR."""
-    image = nib.load(DATA / "mri" / "colin27_t1_1mm.nii.gz")
-    patch = np.asarray(image.dataobj[70:102, 100:132, 90], dtype=np.float32) / 255.0
-    hr = torch.from_numpy(patch)[None, None]
-    return F.avg_pool2d(hr, 2), hr
+from tests.conftest import overfit_losses
 
 
 def _perturbed(model: nn.Module, amount: float = 0.02, seed: int = 0) -> nn.Module:
@@ -215,16 +193,7 @@ def test_new_family_overfits_one_real_patch_pair(
     torch.manual_seed(0)
     lr_patch, hr_patch = mr_patch_pair
     model = build_model(family, preset="tiny", global_residual=False, **params)
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
-    losses = []
-    for _ in range(steps):
-        loss = F.l1_loss(model(lr_patch), hr_patch)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        losses.append(loss.item())
+    losses = overfit_losses(model, lr_patch, hr_patch, steps, lr)
     assert losses[0] / losses[-1] >= 10.0, (losses[0], losses[-1])
 
 

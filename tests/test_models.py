@@ -5,38 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from shared_models import registry
 from shared_models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from shared_models.registry import build_model, count_parameters, model_spec, register_model
 from shared_models.resample import upsample_baseline
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-@pytest.fixture
-def one_thread():
-    """Run on one intra-op thread: on a shared 2-core machine, OpenMP workers spinning against other
-    processes made this tiny workload up to 10x slower than a single thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def mr_patch_pair() -> tuple[torch.Tensor, torch.Tensor]:
-    """A real 32x32 T1 brain patch (Colin27, axial slice 90) as HR (1, 1, 32, 32) and its 2x2-mean LR."""
-    image = nib.load(DATA / "mri" / "colin27_t1_1mm.nii.gz")
-    patch = np.asarray(image.dataobj[70:102, 100:132, 90], dtype=np.float32) / 255.0
-    hr = torch.from_numpy(patch)[None, None]
-    return F.avg_pool2d(hr, 2), hr
+from tests.conftest import overfit_losses
 
 
 @pytest.mark.parametrize(
@@ -148,16 +125,7 @@ def test_tiny_edsr_overfits_one_real_patch_pair(
     lr, hr = mr_patch_pair
     model = build_model("edsr", preset="tiny", global_residual=global_residual)
     steps = 300
-    optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
-    losses = []
-    for _ in range(steps):
-        loss = F.l1_loss(model(lr), hr)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        losses.append(loss.item())
+    losses = overfit_losses(model, lr, hr, steps, 2e-3)
     assert losses[0] / losses[-1] >= min_drop, (losses[0], losses[-1])
 
 

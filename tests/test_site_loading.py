@@ -12,8 +12,8 @@ from client.data.errors import SiteError
 from client.data.site import Site, discover, load_site
 from client.data.siteconfig import SiteConfig, load_site_config
 from client.data.split import explicit_split, split_subjects
+from tests.conftest import DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 COLIN = DATA / "mri" / "colin27_t1_1mm.nii.gz"
 
 

@@ -38,22 +38,13 @@ from shared_models.smore import (
     super_resolve_through_plane,
 )
 from simulation.phantoms import write_phantom_sites
-from tests.conftest import make_thick_site
+from tests.conftest import DATA, make_thick_site
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SCALE = 2
 EVAL_KEYS = {*METRIC_KEYS, "num_val_scans", "num_val_slices", "eval_seconds"}
 TRAIN_KEYS = {"num-examples", "train-loss", "train-patches", "train-seconds"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Every test on one intra-op thread: on a shared 2-core machine OpenMP workers spinning against other
-    processes make these small workloads several times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _job(**changes) -> RoundJob:
@@ -236,8 +227,6 @@ class Sites:
     paired: str  # thin-slice phantom site, supervision "paired" (default)
     thick: str  # thick-slice site, supervision "self"
     thin_truth: dict[str, np.ndarray]  # the thick site's scans before slice acquisition, scanner units, by subject
-
-
 
 
 @pytest.fixture(scope="module")
