@@ -105,7 +105,7 @@ def parse_loss(spec: str) -> dict[str, float]:
 
 def train_supervised(
     model: nn.Module,
-    sampler: PatchSampler | BatchSource,
+    sampler: BatchSource,
     *,
     steps: int,
     batch_size: int,

@@ -17,7 +17,7 @@ def _supported_dims(family: str, preset: str | None) -> list[int]:
     for d in (2, 3):
         try:
             build_model(family, **preset_arg, spatial_dims=d)
-        except (ValueError, NotImplementedError):
+        except ValueError:
             continue
         dims.append(d)
     return dims

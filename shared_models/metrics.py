@@ -16,7 +16,7 @@ from monai.networks.layers import separable_filtering
 from shared_models.resample import upsample_baseline
 
 __all__ = [
-    "psnr", "ssim", "nrmse", "hfen", "laplacian_of_gaussian", "upsample_baseline", "score", "score_with_baseline"
+    "psnr", "ssim", "nrmse", "hfen", "laplacian_of_gaussian", "upsample_baseline", "score"
 ]
 
 DATA_RANGE = 1.0
@@ -115,15 +115,3 @@ _METRICS = {"psnr": psnr, "ssim": ssim, "nrmse": nrmse, "hfen": hfen}
 def score(sr: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
     """Batch means of the per-image metrics: {"psnr" (dB), "ssim", "nrmse", "hfen"}."""
     return {name: float(fn(sr, hr).mean()) for name, fn in _METRICS.items()}
-
-
-@torch.no_grad()
-def score_with_baseline(sr: torch.Tensor, lr: torch.Tensor, hr: torch.Tensor, scale: int) -> dict[str, float]:
-    """``score(sr, hr)`` plus the same metrics of ``upsample_baseline(lr, scale)`` under ``bicubic_*`` keys
-    (trilinear for 3D input; the key names stay ``bicubic_*``). lr: (B, C, h, w) with hr = (B, C, scale*h, scale*w)."""
-    baseline = upsample_baseline(lr, scale)
-    if baseline.shape != hr.shape:
-        raise ValueError(f"LR {tuple(lr.shape)} x{scale} gives {tuple(baseline.shape)}, HR is {tuple(hr.shape)}")
-    result = score(sr, hr)
-    result.update({f"bicubic_{name}": value for name, value in score(baseline, hr).items()})
-    return result
