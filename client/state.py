@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from shared_models.atomic import atomic_write
+from shared_models.errors import ExplainedError
 
 #: Name of the state folder inside the site folder when the node config names none (hidden: the site
 #: loader skips hidden folders, so state files are never mistaken for scans).
@@ -25,8 +26,12 @@ STATE_DIR_KEY = "state-dir"
 _PLAIN_LEAVES = (bool, int, float, str, type(None))
 
 
-class StateError(RuntimeError):
-    """A state file or folder that cannot be used; the message names the path and what to do."""
+class StateError(ExplainedError, RuntimeError):
+    """A state file or folder that cannot be used; the message names the path, the problem and what to do."""
+
+
+#: What to do when the state folder cannot be used.
+_STATE_DIR_HINT = f"give the SuperNode a writable one with --node-config \"{STATE_DIR_KEY}='/path/to/state'\""
 
 
 def site_state_dir(node_config: Mapping[str, Any], site_dir: Path | str) -> Path:
@@ -44,14 +49,10 @@ def site_state_dir(node_config: Mapping[str, Any], site_dir: Path | str) -> Path
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise StateError(
-            f"{folder}: cannot create the site's state folder ({err.strerror or err}); give the SuperNode a "
-            f"writable one with --node-config \"{STATE_DIR_KEY}='/path/to/state'\""
+            folder, f"cannot create the site's state folder ({err.strerror or err})", _STATE_DIR_HINT
         ) from err
     if not os.access(folder, os.W_OK):
-        raise StateError(
-            f"{folder}: the site's state folder is not writable; give the SuperNode a writable one with "
-            f"--node-config \"{STATE_DIR_KEY}='/path/to/state'\""
-        )
+        raise StateError(folder, "the site's state folder is not writable", _STATE_DIR_HINT)
     return folder
 
 
@@ -97,9 +98,17 @@ def load_state(path: Path | str) -> dict | None:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # the weights-only unpickler raises assorted types on garbage
         reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
-        raise StateError(f"{path}: state file cannot be read, truncated or corrupt ({reason})") from err
+        raise StateError(
+            path,
+            f"state file cannot be read, truncated or corrupt ({reason})",
+            "restore it from a backup, or remove it to start afresh (what it recorded is then lost)",
+        ) from err
     if not isinstance(payload, dict):
-        raise StateError(f"{path}: not a fedsr state file (holds {type(payload).__name__}, not a dict)")
+        raise StateError(
+            path,
+            f"not a fedsr state file (holds {type(payload).__name__}, not a dict)",
+            "move it out of the site's state folder",
+        )
     return payload
 
 

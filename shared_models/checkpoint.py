@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from shared_models.atomic import atomic_write
+from shared_models.errors import ExplainedError
 from shared_models.registry import build_model, model_spec, unwrap
 
 FORMAT = "fedsr-checkpoint"
@@ -17,12 +18,8 @@ FORMAT_VERSION = 1
 _PLAIN_LEAVES = (bool, int, float, str, type(None))
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ExplainedError, ValueError):
     """A file that is not a readable fedsr checkpoint; the message names the file and what to do."""
-
-    def __init__(self, path: str | os.PathLike[str], problem: str, hint: str) -> None:
-        self.path, self.problem, self.hint = str(path), problem, hint
-        super().__init__(f"{self.path}: {problem} ({hint})")
 
 
 def _check_plain(value: Any, where: str) -> None:
@@ -115,7 +112,9 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         model.load_state_dict(payload["state_dict"])
     except (ValueError, TypeError, RuntimeError, KeyError) as err:
         raise CheckpointError(
-            path, f"stored weights do not fit the stored model: {err}", "the file is damaged"
+            path,
+            f"stored weights do not fit the stored model ({err})",
+            "the file is damaged: copy it again or use an earlier one",
         ) from err
     model.to(map_location).eval()
     meta = {key: value for key, value in payload.items() if key != "state_dict"}

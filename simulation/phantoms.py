@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import scipy.fft as sfft
+import tomli_w
 from scipy import ndimage
 
 from client.degrade import PRESETS
@@ -263,26 +263,23 @@ def write_phantom_sites(
     return sites
 
 
-def _toml_value(value: str | float) -> str:
-    """A string (JSON quoting is valid TOML) or a number as TOML."""
-    return json.dumps(value) if isinstance(value, str) else repr(float(value))
-
-
 def _site_toml(name: str, look: ScannerLook, split_seed: int) -> str:
-    """The ``site.toml`` text of a phantom site (strings via JSON quoting, valid TOML basic strings)."""
-    lines = [
-        f"name = {json.dumps(name)}",
-        'modality = "MR"',
-        f"scanner = {json.dumps(look.scanner)}",
-        "",
-        "[acquisition]",
-        f"profile = {json.dumps(look.preset)}",
-        *(f"{key} = {_toml_value(value)}" for key, value in sorted(look.overrides.items())),
-        "",
-        "[split]",
-        f"seed = {int(split_seed)}",
-    ]
-    return "\n".join(lines) + "\n"
+    """The ``site.toml`` text of a phantom site: name, modality, scanner, ``[acquisition]``, ``[split]`` seed.
+
+    Numeric acquisition overrides are written as floats (mm, noise fractions), string ones as they are.
+    """
+    acquisition: dict[str, str | float] = {"profile": look.preset}
+    for key, value in sorted(look.overrides.items()):
+        acquisition[key] = value if isinstance(value, str) else float(value)
+    return tomli_w.dumps(
+        {
+            "name": name,
+            "modality": "MR",
+            "scanner": look.scanner,
+            "acquisition": acquisition,
+            "split": {"seed": int(split_seed)},
+        }
+    )
 
 
 # --------------------------------------------------------------------------------------------- helpers

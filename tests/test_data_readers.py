@@ -12,10 +12,13 @@ import pydicom
 import pytest
 
 from client.data.dicom import read_dicom_files, read_dicom_folder
-from client.data.errors import ScanError
+from client.data.errors import ScanError, SiteError, SitesFolderError
 from client.data.nifti import read_nifti
 from client.data.normalise import Normalisation, fit_normalisation
 from client.data.volume import Volume, validate_volume
+from client.state import StateError
+from shared_models.checkpoint import CheckpointError
+from shared_models.errors import ExplainedError
 from tests.conftest import DATA
 
 
@@ -288,12 +291,22 @@ def test_validate_volume_names_the_problem(array, problem):
     assert caught.value.path == "scan.nii.gz"
 
 
-def test_scan_error_message_and_pickling():
-    error = ScanError("/data/x.dcm", "damaged", "copy it again")
-    assert str(error) == "/data/x.dcm: damaged. copy it again"
-    assert isinstance(error, ValueError)
-    again = pickle.loads(pickle.dumps(error))
-    assert (again.path, again.problem, again.hint) == ("/data/x.dcm", "damaged", "copy it again")
+@pytest.mark.parametrize(
+    ("kind", "builtin"),
+    [
+        (ScanError, ValueError),
+        (SiteError, RuntimeError),
+        (SitesFolderError, FileNotFoundError),
+        (CheckpointError, ValueError),
+        (StateError, RuntimeError),
+    ],
+)
+def test_explained_errors_share_one_message_format_and_pickle(kind, builtin):
+    error = kind("/data/x.dcm", "damaged", "copy it again")
+    assert str(error) == "/data/x.dcm: damaged. copy it again" and error.reason == "damaged. copy it again"
+    assert isinstance(error, ExplainedError) and isinstance(error, builtin)
+    again = pickle.loads(pickle.dumps(error))  # Ray pickles exceptions raised in its workers
+    assert type(again) is kind and str(again) == str(error) and again.reason == error.reason
 
 
 # -------------------------------------------------------------------------------------- normalisation

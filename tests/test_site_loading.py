@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.data.errors import SiteError
+from client.data.errors import SiteError, SitesFolderError
+from client.data.files import site_folders
 from client.data.site import Site, discover, load_site
 from client.data.siteconfig import SiteConfig, load_site_config
 from client.data.split import explicit_split, split_subjects
@@ -85,18 +86,16 @@ def test_mr_site_with_site_toml_explicit_split_and_foreign_modality(tmp_path, ma
     make.nifti(site_dir / "sub-03.nii.gz", np.random.default_rng(1).gamma(2.0, 50.0, (40, 40, 12)).astype(np.float32))
     ct = make.series(site_dir / "ct", make.stored((20, 20, 4)))
     (site_dir / "site.toml").write_text(
-        'name = "Hospital B"\nmodality = "mr"\nscanner = "Philips 1.5T"\nshare_previews = true\n'
+        'name = "Hospital B"\nmodality = "mr"\nscanner = "Philips 1.5T"\n'
         '[acquisition]\nprofile = "mr-1.5t-kspace"\n'
         '[split]\nval = ["colin"]\ntest = ["sub-03"]\n'
         "[normalisation]\nmr_percentiles = [1.0, 99.0]\n"
-        "[privacy]\nepsilon = 8.0\n"
     )
     site = load_site(site_dir)
     config = site.config
     assert (config.name, config.modality, config.modality_source) == ("Hospital B", "MR", "site.toml")
     assert config.scanner == "Philips 1.5T"
-    assert config.share_previews is True
-    assert config.acquisition == {"profile": "mr-1.5t-kspace"} and config.privacy == {"epsilon": 8.0}
+    assert config.acquisition == {"profile": "mr-1.5t-kspace"}
     assert {name: [s.volume.subject for s in site.split(name)] for name in ("train", "val", "test")} == {
         "train": ["sub-02"], "val": ["colin"], "test": ["sub-03"],
     }
@@ -177,7 +176,7 @@ def test_folder_with_only_bad_files_names_them(tmp_path, make):
 def test_defaults_without_site_toml(tmp_path):
     config = load_site_config(tmp_path)
     assert config == SiteConfig(name=tmp_path.name)
-    assert (config.modality, config.supervision, config.share_previews) == ("MR", "paired", False)
+    assert (config.modality, config.supervision) == ("MR", "paired")
     assert (config.split_seed, config.split_fractions, config.split_subjects) == (0, (0.6, 0.2, 0.2), None)
     assert config.ct_window == (-160.0, 240.0) and config.mr_percentiles == (0.5, 99.5)
 
@@ -190,7 +189,7 @@ def test_defaults_without_site_toml(tmp_path):
         ("[normalisation]\nwindow = [0, 1]\n", "unknown key 'window' in [normalisation]"),
         ('name = "unclosed\n', "is not valid TOML"),
         ('modality = "PET"\n', "modality 'PET' is not supported"),
-        ("share_previews = 1\n", "share_previews must be true or false"),
+        ("supervision = 1\n", "supervision must be a string"),
         ("[split]\nseed = true\n", "seed must be an integer"),
         ("[split]\nfractions = [0.5, 0.2, 0.2]\n", "summing to 1"),
         ('[split]\nfractions = [0.6, 0.2, 0.2]\ntest = ["a"]\n', "both fractions and subject lists"),
@@ -207,11 +206,55 @@ def test_bad_site_toml_names_the_file_and_the_problem(tmp_path, text, problem):
     assert problem in caught.value.problem
 
 
+@pytest.mark.parametrize(
+    ("text", "key", "why"),
+    [
+        ("[privacy]\nepsilon = 8.0\n", "[privacy]", "differential privacy is not built yet"),
+        ("share_previews = false\n", "share_previews", "nothing leaves a site but weights and numbers"),
+    ],
+)
+def test_site_toml_keys_of_features_not_built_are_refused(tmp_path, text, key, why):
+    (tmp_path / "site.toml").write_text(f'name = "a"\n{text}')
+    with pytest.raises(SiteError) as caught:
+        load_site_config(tmp_path)
+    assert caught.value.path == str(tmp_path / "site.toml")
+    assert f"{key} is not available" in caught.value.problem and why in caught.value.problem
+    assert caught.value.hint.startswith(f"remove {key}")
+
+
 def test_bad_site_toml_stops_load_site(tmp_path, make):
     make.nifti(tmp_path / "a.nii.gz", _hu_volume((20, 20, 5), 0))
     (tmp_path / "site.toml").write_text("colour = 1\n")
     with pytest.raises(SiteError, match="site.toml: unknown key 'colour'"):
         load_site(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ site folders
+
+
+def test_site_folders_are_the_visible_sub_folders_sorted_by_name(tmp_path):
+    for name in ("site-b", "Site-C", "site-a", ".fedsr-state", ".hidden-site"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "notes.txt").write_text("not a site")
+    (tmp_path / ".DS_Store").write_text("")
+    assert site_folders(tmp_path) == [str(tmp_path / name) for name in ("Site-C", "site-a", "site-b")]
+    assert site_folders(str(tmp_path)) == site_folders(tmp_path)
+
+
+def test_site_folders_refuses_a_missing_file_or_empty_sites_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".hidden").mkdir()
+    (tmp_path / "file").write_text("")
+    for path, problem in [
+        (tmp_path / "missing", "does not exist"),
+        (tmp_path / "file", "is a file"),
+        (tmp_path / "empty", "holds no site sub-folder"),
+    ]:
+        with pytest.raises(SitesFolderError) as caught:
+            site_folders(path)
+        assert isinstance(caught.value, FileNotFoundError)
+        assert caught.value.path == str(path) and problem in caught.value.problem
+        assert "one sub-folder per site" in caught.value.hint
 
 
 # -------------------------------------------------------------------------------------------- splitting

@@ -1,41 +1,26 @@
 """Errors raised on bad input, and the record of a file that was skipped.
 
-Every message names the file (or site folder), the problem, and what to do about it, so that a hospital's
-operator can fix the input without reading code.
+Every message names the file (or site folder), the problem, and what to do about it
+(:class:`shared_models.errors.ExplainedError`), so that a hospital's operator can fix the input without reading code.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from os import PathLike
+
+from shared_models.errors import ExplainedError
 
 
-class _ExplainedError(Exception):
-    """Base: ``path`` (file or folder), ``problem`` (what is wrong) and ``hint`` (what to do)."""
-
-    def __init__(self, path: str | PathLike[str], problem: str, hint: str) -> None:
-        self.path = str(path)
-        self.problem = problem
-        self.hint = hint
-        super().__init__(f"{self.path}: {problem}. {hint}")
-
-    @property
-    def reason(self) -> str:
-        """The message without the path: problem and hint."""
-        return f"{self.problem}. {self.hint}"
-
-    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
-        # Exceptions pickle through ``args`` (the message) by default, which this __init__ does not accept;
-        # Ray and multiprocessing pickle exceptions raised in workers.
-        return type(self), (self.path, self.problem, self.hint)
-
-
-class ScanError(_ExplainedError, ValueError):
+class ScanError(ExplainedError, ValueError):
     """One scan (file or DICOM series) cannot be used."""
 
 
-class SiteError(_ExplainedError, RuntimeError):
+class SiteError(ExplainedError, RuntimeError):
     """A whole site folder (or its ``site.toml``) cannot be used."""
+
+
+class SitesFolderError(ExplainedError, FileNotFoundError):
+    """The folder that holds a federation's site folders is missing or holds no site folder."""
 
 
 @dataclass(frozen=True)

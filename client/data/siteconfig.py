@@ -5,8 +5,7 @@ Example ``site.toml`` (every key optional)::
     name = "st-elsewhere"          # default: the folder name
     modality = "MR"                # "MR" | "CT"; default: the DICOM series' modality, else "MR"
     scanner = "Siemens Prisma 3T"
-    supervision = "paired"
-    share_previews = false         # may small preview crops leave the site?
+    supervision = "paired"         # "paired" | "self"
 
     [acquisition]                  # passed as is to client.degrade.profile_from_config
     profile = "mr-3t-kspace"
@@ -22,7 +21,8 @@ Example ``site.toml`` (every key optional)::
     ct_window = [-160.0, 240.0]    # HU mapped to [0, 1]
     mr_percentiles = [0.5, 99.5]   # % of foreground voxels mapped to [0, 1]
 
-    [privacy]                      # kept raw for client.privacy
+Keys of features not built yet (``[privacy]``, ``share_previews``) are refused rather than ignored, so that no
+site believes a protection is on when it is not.
 """
 
 from __future__ import annotations
@@ -39,9 +39,18 @@ from client.data.files import SITE_CONFIG_NAME
 from client.data.split import SPLITS
 from client.data.volume import MODALITIES
 
-_TOP_KEYS = (
-    "name", "modality", "scanner", "supervision", "share_previews", "acquisition", "split", "normalisation", "privacy",
-)
+_TOP_KEYS = ("name", "modality", "scanner", "supervision", "acquisition", "split", "normalisation")
+#: Keys of features not built yet: (problem, what to do). Refused, so that nothing is accepted that does nothing.
+_NOT_BUILT = {
+    "privacy": (
+        "[privacy] is not available: differential privacy is not built yet",
+        "remove [privacy]; fedsr trains without DP",
+    ),
+    "share_previews": (
+        "share_previews is not available: nothing leaves a site but weights and numbers (previews are not built)",
+        "remove share_previews",
+    ),
+}
 _SPLIT_KEYS = ("seed", "fractions", *SPLITS)
 SUPERVISION = ("paired", "self")
 _NORMALISATION_KEYS = ("ct_window", "mr_percentiles")
@@ -57,7 +66,7 @@ class SiteConfig:
     ``split_fractions``: (train, val, test), summing to 1. ``split_subjects``: explicit subject lists by split
     name ("train", "val", "test"), or None to split by fractions with ``split_seed``.
     ``ct_window``: HU (lo, hi) mapped to [0, 1]. ``mr_percentiles``: (lo, hi) in % of foreground voxels.
-    ``acquisition`` and ``privacy`` are the raw tables, checked by their consumers.
+    ``acquisition`` is the raw table, checked by its consumer (:func:`client.degrade.profile_from_config`).
     """
 
     name: str
@@ -65,20 +74,18 @@ class SiteConfig:
     modality_source: str = "default"
     scanner: str = ""
     supervision: str = "paired"
-    share_previews: bool = False
     acquisition: dict[str, Any] = field(default_factory=dict)
     split_seed: int = 0
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
     split_subjects: dict[str, tuple[str, ...]] | None = None
     ct_window: tuple[float, float] = (-160.0, 240.0)
     mr_percentiles: tuple[float, float] = (0.5, 99.5)
-    privacy: dict[str, Any] = field(default_factory=dict)
 
 
 def load_site_config(site_dir: str | PathLike[str]) -> SiteConfig:
     """Read ``site_dir/site.toml`` (defaults when absent).
 
-    Raises :class:`SiteError` naming site.toml on invalid TOML, unknown keys or bad values.
+    Raises :class:`SiteError` naming site.toml on invalid TOML, unknown or not-yet-supported keys, or bad values.
     """
     site_dir = Path(site_dir)
     path = site_dir / SITE_CONFIG_NAME
@@ -98,6 +105,7 @@ def parse_site_config(data: dict[str, Any], path: str | PathLike[str], default_n
     :func:`client.data.site.load_site` replaces it with the modality of the site's DICOM series, if any.
     """
     check = _Checker(Path(path))
+    check.not_built(data)
     check.known_keys(data, _TOP_KEYS, "")
     split = check.table(data, "split")
     check.known_keys(split, _SPLIT_KEYS, "[split]")
@@ -115,14 +123,12 @@ def parse_site_config(data: dict[str, Any], path: str | PathLike[str], default_n
         modality_source="site.toml" if "modality" in data else "default",
         scanner=check.string(data, "scanner", ""),
         supervision=supervision,
-        share_previews=check.boolean(data, "share_previews", False),
         acquisition=check.table(data, "acquisition"),
         split_seed=check.integer(split, "seed", 0),
         split_fractions=check.fractions(split),
         split_subjects=check.subject_lists(split),
         ct_window=check.pair(normalisation, "ct_window", (-160.0, 240.0), (-math.inf, math.inf)),
         mr_percentiles=check.pair(normalisation, "mr_percentiles", (0.5, 99.5), (0.0, 100.0)),
-        privacy=check.table(data, "privacy"),
     )
 
 
@@ -135,6 +141,12 @@ class _Checker:
     def fail(self, problem: str, hint: str) -> NoReturn:
         raise SiteError(self.path, problem, hint)
 
+    def not_built(self, data: dict[str, Any]) -> None:
+        """Refuse the keys of features that are not built yet (:data:`_NOT_BUILT`)."""
+        for key in data:
+            if key in _NOT_BUILT:
+                self.fail(*_NOT_BUILT[key])
+
     def known_keys(self, data: dict[str, Any], known: tuple[str, ...], where: str) -> None:
         for key in data:
             if key not in known:
@@ -145,15 +157,12 @@ class _Checker:
 
     def _typed(self, data: dict[str, Any], key: str, kind: type, what: str, default: Any) -> Any:
         value = data.get(key, default)
-        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        if not isinstance(value, kind) or isinstance(value, bool):  # TOML true/false is not an integer
             self.fail(f"{key} must be {what}, got {value!r}", f"fix the value of {key}")
         return value
 
     def string(self, data: dict[str, Any], key: str, default: str | None = None) -> str:
         return self._typed(data, key, str, "a string", default)
-
-    def boolean(self, data: dict[str, Any], key: str, default: bool) -> bool:
-        return self._typed(data, key, bool, "true or false", default)
 
     def integer(self, data: dict[str, Any], key: str, default: int) -> int:
         return self._typed(data, key, int, "an integer", default)
