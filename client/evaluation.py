@@ -1,23 +1,31 @@
-"""Scoring a model on a site's validation scans, beside the bicubic baseline of the same LR input."""
+"""Scoring a model on a site's validation pairs, beside the interpolation baseline of the same LR input.
+
+One path for every family: the site's :class:`client.pairs.Pairing` says which slices are scored and how the
+baseline is made; the metrics, their averaging and their names are the same everywhere. Metric keys are
+kebab-case, as Flower's ``num-examples``: ``psnr`` (dB), ``ssim``, ``nrmse``, ``hfen``, the same four of the baseline
+as ``baseline-psnr`` ..., and ``num-val-scans``, ``num-val-slices``, ``eval-seconds``.
+"""
 
 from __future__ import annotations
 
 import functools
 import time
-from typing import Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from client.pairs import ScanPair
 from client.training import FOREGROUND_LEVEL
-from shared_models.inference import super_resolve
-from shared_models.metrics import score, upsample_baseline
+from shared_models.metrics import score
 
-METRIC_KEYS = (
-    "psnr", "ssim", "nrmse", "hfen", "bicubic_psnr", "bicubic_ssim", "bicubic_nrmse", "bicubic_hfen",
-)
+if TYPE_CHECKING:
+    from client.pairs import Pairing, ScanPair
+
+IMAGE_METRICS = ("psnr", "ssim", "nrmse", "hfen")
+BASELINE_PREFIX = "baseline-"
+METRIC_KEYS = (*IMAGE_METRICS, *(BASELINE_PREFIX + k for k in IMAGE_METRICS))
 
 
 def evaluation_slices(hr: np.ndarray, max_slices: int) -> np.ndarray:
@@ -30,49 +38,37 @@ def evaluation_slices(hr: np.ndarray, max_slices: int) -> np.ndarray:
     return foreground
 
 
+def as_batch(volume: np.ndarray) -> torch.Tensor:
+    """(X, Y, Z) slices -> (Z, 1, X, Y) float32 tensor."""
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(volume, 2, 0)[:, None], dtype=np.float32))
+
+
 @functools.lru_cache(maxsize=64)
-def _baseline_scores(pair: ScanPair, scale: int, max_slices: int) -> dict[str, float]:
-    """Bicubic metrics of a scan: they never change during a run, so they are computed once per process."""
-    index = evaluation_slices(pair.hr, max_slices)
-    if _is_3d(pair):  # trilinear on the whole volume, then the scored slices
-        volume = upsample_baseline(torch.from_numpy(pair.lr)[None, None], scale)[0, 0].numpy()
-        bicubic = _as_batch(volume[:, :, index])
-    else:
-        bicubic = upsample_baseline(_as_batch(pair.lr[:, :, index]), scale)
-    return {f"bicubic_{k}": v for k, v in score(bicubic, _as_batch(pair.hr[:, :, index])).items()}
-
-
-def _is_3d(pair: ScanPair) -> bool:
-    """Whether the pair's LR is scaled through-plane too (a 3D model's data)."""
-    return pair.lr.shape[2] != pair.hr.shape[2]
-
-
-def _as_batch(volume: np.ndarray) -> torch.Tensor:
-    """(X, Y, Z) slices -> (Z, 1, X, Y) tensor."""
-    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(volume, 2, 0)[:, None]))
+def _baseline_scores(pairing: Pairing, pair: ScanPair, max_slices: int) -> dict[str, float]:
+    """The baseline's metrics of a pair: they never change during a run, so they are computed once per process."""
+    interpolated, hr = pairing.baseline(pair, max_slices=max_slices)
+    return {BASELINE_PREFIX + k: v for k, v in score(interpolated, hr).items()}
 
 
 def evaluate_pairs(
-    model: nn.Module, pairs: Sequence[ScanPair], *, scale: int, device: torch.device, max_slices: int
+    model: nn.Module, pairs: Sequence[ScanPair], pairing: Pairing, *, device: torch.device, max_slices: int
 ) -> dict[str, float]:
-    """Mean PSNR (dB), SSIM, NRMSE, HFEN of the model and of bicubic upsampling over the scans.
+    """Mean PSNR (dB), SSIM, NRMSE, HFEN of the model and of the baseline over the scans.
 
-    Each scan is scored on its in-plane slices (2D metrics per slice, averaged per scan), then scans are
-    averaged with equal weight. Adds ``num_val_scans``, ``num_val_slices`` and ``eval_seconds``.
+    2D metrics per scored slice, averaged per scan, then over scans with equal weight.
     """
+    if not pairs:
+        raise ValueError("evaluation needs at least one validation pair")
     start = time.perf_counter()
-    per_scan = []
-    total_slices = 0
+    per_scan, total_slices = [], 0
     for pair in pairs:
-        index = evaluation_slices(pair.hr, max_slices)
-        sr = super_resolve(model, pair.lr, device=device, slices=index)  # 3D: only the tiles these slices need
-        scores = score(_as_batch(sr), _as_batch(pair.hr[:, :, index]))
-        scores.update(_baseline_scores(pair, scale, max_slices))
+        sr, hr = pairing.restored(model, pair, device=device, max_slices=max_slices)
+        scores = score(sr, hr)
+        scores.update(_baseline_scores(pairing, pair, max_slices))
         per_scan.append([scores[k] for k in METRIC_KEYS])
-        total_slices += len(index)
+        total_slices += hr.shape[0]
     means = np.mean(np.asarray(per_scan, dtype=np.float64), axis=0)
     result = {k: float(v) for k, v in zip(METRIC_KEYS, means)}
-    result.update(
-        num_val_scans=len(pairs), num_val_slices=total_slices, eval_seconds=time.perf_counter() - start
-    )
+    result.update({"num-val-scans": len(pairs), "num-val-slices": total_slices,
+                   "eval-seconds": time.perf_counter() - start})
     return result

@@ -1,9 +1,12 @@
 """A site's scans turned into aligned high/low-resolution pairs, prepared once per process.
 
 The low-resolution image of every scan is synthesised with the site's *own* acquisition model
-(``site.toml`` -> :mod:`client.degrade`), so each hospital's data carries its scanner's blur and noise.
-Loading and degrading happen once per (site folder, scale) and are cached for the life of the process:
-Flower calls the ClientApp every round, and re-reading scans each round would dominate the round time.
+(``site.toml`` -> :mod:`client.degrade`), so each hospital's data carries its scanner's blur and noise. How a scan
+becomes pairs, how pairs are sampled for training and how they are scored beside an interpolation baseline is a
+:class:`Pairing` (in-plane and isotropic pairs in :mod:`client.paired`, one-axis pairs in :mod:`client.selfsup`);
+a family's local task picks one. Loading and degrading happen once per (site folder, scale, pairing) and are cached
+for the life of the process: Flower calls the ClientApp every round, and re-reading scans each round would dominate
+the round time.
 """
 
 from __future__ import annotations
@@ -11,45 +14,138 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
 from client.data.errors import SiteError
-from client.data.site import Site, Skipped, load_site
-from client.degrade import degrade_inplane, degrade_isotropic, profile_from_config
+from client.data.site import Site, SiteScan, Skipped, load_site
+from client.degrade import AcquisitionProfile, profile_from_config
+from shared_models.image import Normalisation, ScanImage
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
 class ScanPair:
-    """One scan as a training/evaluation pair.
+    """One scan as a training/evaluation pair, with the geometry and intensity mapping of its HR grid.
 
-    ``hr``: float32 (X, Y, Z) in [0, 1], cropped so the scaled axes are multiples of the scale.
-    ``lr``: the same anatomy as the site's scanner would acquire it: float32 (X / scale, Y / scale, Z) for
-    in-plane SR, (X / scale, Y / scale, Z / scale) for 3D SR.
+    ``hr``: float32 (X, Y, Z) in [0, 1], the scan centre-cropped so the reduced axes are multiples of the scale.
+    ``lr``: the same anatomy as the site's scanner would acquire it, smaller along the reduced axes.
+    ``affine``: (4, 4) voxel -> world mm of ``hr``. ``normalisation``: maps [0, 1] back to scanner units.
     Compared and hashed by identity (a pair is prepared once per process), so results can be cached per pair.
     """
 
     subject: str
     hr: np.ndarray
     lr: np.ndarray
+    affine: np.ndarray
+    modality: str
+    normalisation: Normalisation
+
+    def hr_image(self) -> ScanImage:
+        """``hr`` with its place in the world."""
+        return ScanImage(self.hr, self.affine, self.modality, self.normalisation)
+
+    def lr_image(self) -> ScanImage:
+        """``lr`` with its place in the world: the HR field of view on the LR grid."""
+        return self.hr_image().with_voxels(self.lr)
+
+
+def scan_image(scan: SiteScan) -> ScanImage:
+    """A loaded scan as a :class:`ScanImage` (normalised voxels, the reader's affine, modality and mapping)."""
+    return ScanImage(scan.image, scan.volume.affine, scan.volume.modality, scan.normalisation)
+
+
+def pair_geometry(scan: SiteScan, hr: np.ndarray) -> dict:
+    """The :class:`ScanPair` geometry fields of ``hr``, a centre crop of the scan (:mod:`client.degrade`'s rule)."""
+    cropped = scan_image(scan).centre_cropped(hr.shape)
+    return {"affine": cropped.affine, "modality": cropped.modality, "normalisation": cropped.normalisation}
+
+
+class BatchSource(Protocol):
+    """Anything that yields aligned (LR, HR) training batches, e.g. :class:`client.training.PatchSampler`."""
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class Pairing(ABC):
+    """How a site's scans become training pairs, and how pairs are sampled and scored.
+
+    Implementations are frozen dataclasses (hashable by value: they key the per-process caches).
+    """
+
+    #: The interpolation the model's output is compared with (recorded beside the ``baseline-*`` metrics).
+    baseline_method: str
+
+    def accepts(self, site: Site) -> None:
+        """Raise :class:`SiteError` when this site cannot give such pairs (default: HR scans are required)."""
+        if site.config.supervision != "paired":
+            raise SiteError(
+                site.directory,
+                f"site.toml says supervision = {site.config.supervision!r}: its scans are not high-resolution "
+                "targets",
+                "train a model family that learns from a site's own slices (fedsr models), or remove the site "
+                "from this federation",
+            )
+
+    @abstractmethod
+    def pairs(
+        self, scan: SiteScan, profile: AcquisitionProfile, scale: int, rng: np.random.Generator, site: Site
+    ) -> list[ScanPair]:
+        """The pairs one scan of the site's ``scan.split`` gives (LR noise drawn from ``rng``)."""
+
+    @abstractmethod
+    def sampler(self, pairs: Sequence[ScanPair], scale: int, patch_size: int, rng: np.random.Generator) -> BatchSource:
+        """Training batches from the train pairs (``patch_size``: HR patch side, pixels)."""
+
+    @abstractmethod
+    def num_examples(self, pairs: Sequence[ScanPair]) -> int:
+        """The site's training-set size as it reports it (weights its update in the average)."""
+
+    @abstractmethod
+    def restored(
+        self, model: nn.Module, pair: ScanPair, *, device: torch.device, max_slices: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's output and the truth on the scored slices: two (N, 1, H, W) tensors."""
+
+    @abstractmethod
+    def baseline(self, pair: ScanPair, *, max_slices: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The interpolation baseline and the truth on the same slices as :meth:`restored`."""
 
 
 @dataclass(frozen=True)
 class PreparedSite:
-    """A site's pairs by split, plus what could not be used."""
+    """A site's pairs by split, plus what could not be used.
+
+    ``supervision``: the site's ``site.toml`` value. ``intensity``: how its scans were mapped to [0, 1]
+    (``{"modality", "kind", "range"}``: the HU window for CT, the foreground percentiles for MR), which the site
+    reports so that checkpoints can record it; no scan's own values are in it.
+    """
 
     name: str
     directory: Path
     scale: int
+    pairing: Pairing
     train: tuple[ScanPair, ...]
     val: tuple[ScanPair, ...]
     skipped: tuple[Skipped, ...]
-    geometry: str = "in-plane"
+    supervision: str
+    intensity: dict
+
+
+def intensity_policy(site: Site) -> dict:
+    """The site's intensity mapping rule (not any scan's values): modality, kind and range."""
+    config = site.config
+    if config.modality == "CT":
+        return {"modality": "CT", "kind": "ct-window", "range": list(config.ct_window)}
+    return {"modality": config.modality, "kind": "mr-percentile", "range": list(config.mr_percentiles)}
 
 
 def site_seed(name: str, seed: int) -> int:
@@ -58,8 +154,21 @@ def site_seed(name: str, seed: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def require_train_and_val(site: Site, splits: dict[str, list]) -> None:
-    """Raise :class:`SiteError` naming the site when its train or val split ended up empty."""
+@functools.lru_cache(maxsize=8)
+def prepare_site(site_dir: str, scale: int, pairing: Pairing) -> PreparedSite:
+    """Load a site folder once and make its train and validation pairs with ``pairing`` (cached per process).
+
+    Raises :class:`SiteError` when the folder is missing, empty, has nothing usable, cannot give ``pairing``'s
+    pairs, or lacks a train or validation scan.
+    """
+    site: Site = load_site(Path(site_dir))
+    pairing.accepts(site)
+    profile = profile_from_config(site.config.acquisition, site.config.modality)
+    rng = np.random.default_rng(site_seed(site.config.name, site.config.split_seed))
+    splits: dict[str, list[ScanPair]] = {"train": [], "val": []}
+    for scan in site.scans:
+        if scan.split in splits:
+            splits[scan.split].extend(pairing.pairs(scan, profile, scale, rng, site))
     for split, pairs in splits.items():
         if not pairs:
             raise SiteError(
@@ -67,49 +176,21 @@ def require_train_and_val(site: Site, splits: dict[str, list]) -> None:
                 f"no usable scan in the {split} split",
                 "add scans or change [split] in site.toml so that train and val each get at least one",
             )
-
-
-#: How LR is made from HR for each kind of model: 2D models restore in-plane, 3D models every axis.
-DEGRADERS = {"in-plane": degrade_inplane, "isotropic": degrade_isotropic}
-
-
-@functools.lru_cache(maxsize=8)
-def prepare_site(site_dir: str, scale: int, geometry: str = "in-plane") -> PreparedSite:
-    """Load a site folder once and synthesise its LR images (cached per process).
-
-    ``geometry``: "in-plane" (2D models) or "isotropic" (3D models), see :data:`DEGRADERS`.
-
-    Raises :class:`SiteError` when the folder is missing, empty, has nothing usable, or lacks a train or
-    validation scan.
-    """
-    site: Site = load_site(Path(site_dir))
-    if site.config.supervision != "paired":
-        raise SiteError(
-            site.directory,
-            f"site.toml says supervision = {site.config.supervision!r}: its scans are not high-resolution targets",
-            "train a self-supervised model on it (--model smore), or remove it from this federation",
-        )
-    profile = profile_from_config(site.config.acquisition, site.config.modality)
-    rng = np.random.default_rng(site_seed(site.config.name, site.config.split_seed))
-    splits: dict[str, list[ScanPair]] = {"train": [], "val": []}
-    for scan in site.scans:
-        if scan.split not in splits:
-            continue
-        hr, lr = DEGRADERS[geometry](scan.image, profile, scale, scan.volume.spacing, rng)
-        splits[scan.split].append(ScanPair(scan.volume.subject, hr, lr))
-    require_train_and_val(site, splits)
     for item in site.skipped:
         log.warning("site %s: skipped %s: %s", site.config.name, item.path, item.reason)
     log.info(
-        "site %s: %d train and %d val scans, %d files skipped (torch threads: %d)",
-        site.config.name, len(splits["train"]), len(splits["val"]), len(site.skipped), torch.get_num_threads(),
+        "site %s (%s): %d train and %d val pairs, %d files skipped (torch threads: %d)",
+        site.config.name, type(pairing).__name__, len(splits["train"]), len(splits["val"]), len(site.skipped),
+        torch.get_num_threads(),
     )
     return PreparedSite(
         name=site.config.name,
         directory=site.directory,
         scale=scale,
-        geometry=geometry,
+        pairing=pairing,
         train=tuple(splits["train"]),
         val=tuple(splits["val"]),
         skipped=tuple(site.skipped),
+        supervision=site.config.supervision,
+        intensity=intensity_policy(site),
     )

@@ -20,18 +20,14 @@ with the site's slice profile and subsampled by ``scale`` -- LR (B, 1, P, p) -> 
 
 Representation: :class:`AxisPair` is a :class:`client.pairs.ScanPair` whose ``lr`` is ``hr`` reduced by ``scale``
 along one axis (``axis``) only, with ``across``, the axes that may span a training plane together with ``axis``.
-Everything is precomputed once per (site folder, scale) and cached for the process, as
-:func:`client.pairs.prepare_site` does. :class:`SmoreSite` is a :class:`client.pairs.PreparedSite` that also says
-which kind of site it is.
+:class:`AxisPairing` is the :class:`client.pairs.Pairing` that makes, samples and scores them; sites are prepared
+once per process by :func:`client.pairs.prepare_site`, as for every family.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -40,21 +36,17 @@ from torch import nn
 
 from client.data.errors import SiteError
 from client.data.files import SITE_CONFIG_NAME
-from client.data.site import Site, load_site
-from client.degrade import AcquisitionProfile, degrade_throughplane, profile_from_config, slice_profile_subsample
-from client.evaluation import METRIC_KEYS, evaluation_slices
-from client.pairs import PreparedSite, ScanPair, require_train_and_val, site_seed
-from client.training import FOREGROUND_LEVEL
-from shared_models.metrics import score
+from client.data.site import Site, SiteScan
+from client.degrade import AcquisitionProfile, degrade_throughplane, slice_profile_subsample
+from client.evaluation import evaluation_slices
+from client.pairs import Pairing, ScanPair, pair_geometry
+from client.training import FOREGROUND_LEVEL, PairedPatches
 from shared_models.smore import interpolate_through_plane, super_resolve_planes, super_resolve_through_plane
 
 log = logging.getLogger(__name__)
 
 #: ``site.toml`` ``supervision`` values this module understands.
 SUPERVISION_MODES = ("paired", "self")
-#: ``PreparedSite.geometry`` of a site prepared here: LR differs from HR along one axis only (Z for a paired site,
-#: an in-plane axis for a self-supervised one).
-GEOMETRY = "one-axis"
 #: Self-supervised sites whose slice spacing / in-plane spacing differs from the scale by more than this
 #: fraction get a warning: the restored volume will not be isotropic.
 SPACING_TOLERANCE = 0.25
@@ -104,14 +96,6 @@ class AxisPair(ScanPair):
         return sum(self.hr.shape[3 - self.axis - b] for b in self.across)
 
 
-@dataclass(frozen=True)
-class SmoreSite(PreparedSite):
-    """A site prepared for one-axis SR: ``geometry`` is :data:`GEOMETRY`, ``train`` / ``val`` hold
-    :class:`AxisPair`; ``supervision`` is ``"paired"`` or ``"self"`` (the site's ``site.toml``)."""
-
-    supervision: str = "paired"
-
-
 # --------------------------------------------------------------------------------------------- pairs
 
 
@@ -122,22 +106,13 @@ def selfsup_thickness_mm(profile: AcquisitionProfile, scale: int, spacing_mm: fl
     return max(profile.slice_thickness_mm or 0.0, scale * float(spacing_mm))
 
 
-def through_plane_pair(
-    subject: str,
-    hr: np.ndarray,
-    profile: AcquisitionProfile,
-    scale: int,
-    spacing: Sequence[float],
-    rng: np.random.Generator,
-) -> AxisPair:
+def through_plane_pair(scan: SiteScan, profile: AcquisitionProfile, scale: int, rng: np.random.Generator) -> AxisPair:
     """A thin-slice scan (X, Y, Z) -> HR (X, Y, s*Z') / LR (X, Y, Z') through ``degrade_throughplane``."""
-    hr_cropped, lr = degrade_throughplane(hr, profile, scale, spacing, rng)
-    return AxisPair(subject, hr_cropped, lr, axis=2, across=(0, 1))
+    hr, lr = degrade_throughplane(scan.image, profile, scale, scan.volume.spacing, rng)
+    return AxisPair(scan.volume.subject, hr, lr, **pair_geometry(scan, hr), axis=2, across=(0, 1))
 
 
-def inplane_pair(
-    subject: str, thick: np.ndarray, profile: AcquisitionProfile, scale: int, spacing: Sequence[float], axis: int
-) -> AxisPair:
+def inplane_pair(scan: SiteScan, profile: AcquisitionProfile, scale: int, axis: int) -> AxisPair:
     """A thick-slice scan (X, Y, Z') -> in-plane pair degraded along ``axis`` (0 or 1).
 
     HR: the scan centre-cropped so X and Y are multiples of ``scale``. LR: ``slice_profile_subsample`` of that
@@ -145,10 +120,12 @@ def inplane_pair(
     """
     if axis not in (0, 1):
         raise ValueError(f"in-plane axis must be 0 (X) or 1 (Y), got {axis}")
-    hr = _centre_crop_inplane(np.asarray(thick, dtype=np.float32), scale)
+    spacing = scan.volume.spacing
+    hr = _centre_crop_inplane(np.asarray(scan.image, dtype=np.float32), scale)
     thickness = selfsup_thickness_mm(profile, scale, spacing[axis])
     lr = slice_profile_subsample(hr, scale, axis, thickness, float(spacing[axis]), profile.slice_profile)
-    return AxisPair(subject, hr, np.clip(lr, 0.0, 1.0), axis=axis, across=(1 - axis,))
+    return AxisPair(scan.volume.subject, hr, np.clip(lr, 0.0, 1.0), **pair_geometry(scan, hr), axis=axis,
+                    across=(1 - axis,))
 
 
 def _centre_crop_inplane(vol: np.ndarray, scale: int) -> np.ndarray:
@@ -157,61 +134,6 @@ def _centre_crop_inplane(vol: np.ndarray, scale: int) -> np.ndarray:
         extra = n % scale
         index.append(slice(extra // 2, n - (extra - extra // 2)))
     return np.ascontiguousarray(vol[tuple(index)])
-
-
-def site_supervision(site: Site) -> str:
-    """The site's ``supervision`` ("paired" or "self"); SiteError naming site.toml for anything else."""
-    mode = site.config.supervision
-    if mode not in SUPERVISION_MODES:
-        raise SiteError(
-            site.directory / SITE_CONFIG_NAME,
-            f"supervision {mode!r} is not supported by the one-axis (smore) model",
-            f"use one of {', '.join(SUPERVISION_MODES)}",
-        )
-    return mode
-
-
-@functools.lru_cache(maxsize=8)
-def prepare_smore_site(site_dir: str, scale: int) -> SmoreSite:
-    """Load a site folder once and build its one-axis pairs (cached per process).
-
-    Paired site: one through-plane :class:`AxisPair` per train / val scan (LR noise drawn from a per-site seed).
-    Self-supervised site: train scans give two in-plane pairs (degraded along Y and along X), val scans one
-    (along Y, the validation proxy).
-
-    Raises :class:`SiteError` when the folder is missing, empty or has nothing usable, when its supervision is
-    unknown, or when the train or val split is empty.
-    """
-    site = load_site(Path(site_dir))
-    supervision = site_supervision(site)
-    profile = profile_from_config(site.config.acquisition, site.config.modality)
-    rng = np.random.default_rng(site_seed(site.config.name, site.config.split_seed))
-    splits: dict[str, list[AxisPair]] = {"train": [], "val": []}
-    for scan in site.scans:
-        if scan.split not in splits:
-            continue
-        subject, spacing = scan.volume.subject, scan.volume.spacing
-        if supervision == "paired":
-            splits[scan.split].append(through_plane_pair(subject, scan.image, profile, scale, spacing, rng))
-            continue
-        _check_thick_spacing(site.config.name, subject, spacing, scale)
-        axes = (1, 0) if scan.split == "train" else (1,)
-        splits[scan.split].extend(inplane_pair(subject, scan.image, profile, scale, spacing, a) for a in axes)
-    require_train_and_val(site, splits)
-    log.info(
-        "site %s (%s supervision, one-axis x%d): %d train and %d val pairs, %d files skipped",
-        site.config.name, supervision, scale, len(splits["train"]), len(splits["val"]), len(site.skipped),
-    )
-    return SmoreSite(
-        name=site.config.name,
-        directory=site.directory,
-        scale=scale,
-        geometry=GEOMETRY,
-        train=tuple(splits["train"]),
-        val=tuple(splits["val"]),
-        skipped=tuple(site.skipped),
-        supervision=supervision,
-    )
 
 
 def _check_thick_spacing(site: str, subject: str, spacing: Sequence[float], scale: int) -> None:
@@ -228,14 +150,14 @@ def _check_thick_spacing(site: str, subject: str, spacing: Sequence[float], scal
 # --------------------------------------------------------------------------------------------- sampling
 
 
-class PlaneSampler:
+class PlaneSampler(PairedPatches):
     """Draws aligned (LR, HR) 2D patches, degraded axis last, from :class:`AxisPair` planes.
 
     HR patches are ``P x s*p`` and LR ``P x p`` with ``P = patch_size`` and ``p = patch_size // scale``, each
     reduced to what the smallest plane allows (thick-slice volumes are short along Z). Each draw picks a plane
     uniformly over all planes of all pairs, then a position, re-draws background patches a few times, and flips
     the patch along either axis (LR and HR alike); it never transposes, so the degraded axis stays last.
-    ``.batch(size)`` has the interface of :class:`client.training.PatchSampler`.
+    ``.batch(size)`` gives LR (B, 1, P, p) and HR (B, 1, P, s*p).
     """
 
     def __init__(self, pairs: Sequence[AxisPair], scale: int, patch_size: int, rng: np.random.Generator):
@@ -256,7 +178,8 @@ class PlaneSampler:
         self.weights = counts / counts.sum()
         self.rng = rng
 
-    def _draw_one(self) -> tuple[np.ndarray, np.ndarray]:
+    def draw(self) -> tuple[np.ndarray, np.ndarray]:
+        """LR (P, p) and HR (P, s*p), the degraded axis last."""
         s, p, size = self.scale, self.lr_size, self.across_size
         for _attempt in range(10):
             _, hr_planes, lr_planes = self.sources[self.rng.choice(len(self.sources), p=self.weights)]
@@ -274,20 +197,8 @@ class PlaneSampler:
             lr, hr = lr[:, ::-1], hr[:, ::-1]
         return lr, hr
 
-    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch: LR (B, 1, P, p) and HR (B, 1, P, s*p), float32 in [0, 1]."""
-        lrs, hrs = zip(*(self._draw_one() for _ in range(size)))
-        lr = torch.from_numpy(np.ascontiguousarray(np.stack(lrs)[:, None]))
-        hr = torch.from_numpy(np.ascontiguousarray(np.stack(hrs)[:, None]))
-        return lr, hr
 
-
-def training_planes(pairs: Sequence[AxisPair]) -> int:
-    """Distinct 2D training planes of a site (its ``num-examples``)."""
-    return sum(pair.num_planes for pair in pairs)
-
-
-# --------------------------------------------------------------------------------------------- evaluation
+# --------------------------------------------------------------------------------------------- scoring
 
 
 def _as_batch(planes: np.ndarray) -> torch.Tensor:
@@ -300,56 +211,75 @@ def _axial(volume: np.ndarray, index: np.ndarray) -> np.ndarray:
     return np.moveaxis(volume[:, :, index], 2, 0)
 
 
-def _scored_planes(pair: AxisPair, max_slices: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Validation planes of an in-plane (self-supervised) pair: HR (N, A, s*L), LR (N, A, L), and the slice
-    indices (along the fixed axis) picked by :func:`client.evaluation.evaluation_slices`."""
+def _scored_planes(pair: AxisPair, max_slices: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validation planes of an in-plane (self-supervised) pair: HR (N, A, s*L) and LR (N, A, L), the slices along
+    the fixed axis picked by :func:`client.evaluation.evaluation_slices`."""
     hr_planes, lr_planes = pair.planes(pair.across[0])
     index = evaluation_slices(np.moveaxis(hr_planes, 0, 2), max_slices)
-    return hr_planes[index], lr_planes[index], index
+    return hr_planes[index], lr_planes[index]
 
 
-@functools.lru_cache(maxsize=64)
-def _baseline_scores(pair: AxisPair, max_slices: int) -> dict[str, float]:
-    """Interpolation-baseline metrics of a validation pair (fixed for the run: computed once per process)."""
-    if pair.axis == 2:
-        index = evaluation_slices(pair.hr, max_slices)
-        baseline = _axial(interpolate_through_plane(pair.lr, pair.scale), index)
-        hr = _axial(pair.hr, index)
-    else:
-        hr, lr, _ = _scored_planes(pair, max_slices)
-        baseline = interpolate_through_plane(lr, pair.scale)  # interpolation along the last axis of each plane
-    return {f"bicubic_{k}": v for k, v in score(_as_batch(baseline), _as_batch(hr)).items()}
+@dataclass(frozen=True)
+class AxisPairing(Pairing):
+    """One-axis pairs at paired and self-supervised sites, sampled as planes with the degraded axis last.
 
-
-def evaluate_axis_pairs(
-    model: nn.Module, pairs: Sequence[AxisPair], *, device: torch.device | str, max_slices: int, batch_size: int = 16
-) -> dict[str, float]:
-    """Mean PSNR (dB), SSIM, NRMSE, HFEN of a one-axis model and of the interpolation baseline (``bicubic_*``).
-
-    Through-plane pairs (axis 2, paired sites): the LR volume is restored through-plane (both orientations,
-    averaged) and scored on its axial (X, Y) slices. In-plane pairs (self-supervised sites): the LR in-plane
-    slices are restored along their degraded axis and scored against the original slices (the proxy).
-    Slices are those with anatomy, at most ``max_slices`` per scan; 2D metrics are averaged per scan, then scans
-    with equal weight. Returns the keys of :func:`client.evaluation.evaluate_pairs`: ``METRIC_KEYS`` plus
-    ``num_val_scans``, ``num_val_slices`` and ``eval_seconds``.
+    Scoring: through-plane pairs (paired sites) are restored through-plane as a whole volume and scored on their
+    axial (X, Y) slices; in-plane pairs (self-supervised sites) are restored along their degraded axis and scored
+    against the original slices (the proxy). The baseline is 1D cubic interpolation along the restored axis.
     """
-    if not pairs:
-        raise ValueError("evaluation needs at least one validation pair")
-    start = time.perf_counter()
-    per_scan, total_slices = [], 0
-    for pair in pairs:
+
+    baseline_method = "cubic-1d"
+
+    def accepts(self, site: Site) -> None:
+        if site.config.supervision not in SUPERVISION_MODES:
+            raise SiteError(
+                site.directory / SITE_CONFIG_NAME,
+                f"supervision {site.config.supervision!r} is not supported by one-axis models",
+                f"use one of {', '.join(SUPERVISION_MODES)}",
+            )
+
+    def pairs(
+        self, scan: SiteScan, profile: AcquisitionProfile, scale: int, rng: np.random.Generator, site: Site
+    ) -> list[ScanPair]:
+        """Paired site: one through-plane pair per scan. Self-supervised site: a train scan gives two in-plane
+        pairs (degraded along Y and along X), a validation scan one (along Y, the validation proxy)."""
+        if site.config.supervision == "paired":
+            return [through_plane_pair(scan, profile, scale, rng)]
+        _check_thick_spacing(site.config.name, scan.volume.subject, scan.volume.spacing, scale)
+        axes = (1, 0) if scan.split == "train" else (1,)
+        return [inplane_pair(scan, profile, scale, axis) for axis in axes]
+
+    def sampler(self, pairs: Sequence[ScanPair], scale: int, patch_size: int, rng: np.random.Generator) -> PlaneSampler:
+        return PlaneSampler(_axis_pairs(pairs), scale, patch_size, rng)
+
+    def num_examples(self, pairs: Sequence[ScanPair]) -> int:
+        """Distinct 2D training planes."""
+        return sum(pair.num_planes for pair in _axis_pairs(pairs))
+
+    def restored(
+        self, model: nn.Module, pair: ScanPair, *, device: torch.device, max_slices: int, batch_size: int = 16
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        (pair,) = _axis_pairs([pair])
         if pair.axis == 2:
             index = evaluation_slices(pair.hr, max_slices)
             sr = _axial(super_resolve_through_plane(model, pair.lr, device=device, batch_size=batch_size), index)
-            hr = _axial(pair.hr, index)
-        else:
-            hr, lr, index = _scored_planes(pair, max_slices)
-            sr = super_resolve_planes(model, lr, device=device, batch_size=batch_size)
-        scores = score(_as_batch(sr), _as_batch(hr))
-        scores.update(_baseline_scores(pair, max_slices))
-        per_scan.append([scores[k] for k in METRIC_KEYS])
-        total_slices += len(index)
-    means = np.mean(np.asarray(per_scan, dtype=np.float64), axis=0)
-    result: dict[str, float] = {k: float(v) for k, v in zip(METRIC_KEYS, means)}
-    result.update(num_val_scans=len(pairs), num_val_slices=total_slices, eval_seconds=time.perf_counter() - start)
-    return result
+            return _as_batch(sr), _as_batch(_axial(pair.hr, index))
+        hr, lr = _scored_planes(pair, max_slices)
+        return _as_batch(super_resolve_planes(model, lr, device=device, batch_size=batch_size)), _as_batch(hr)
+
+    def baseline(self, pair: ScanPair, *, max_slices: int) -> tuple[torch.Tensor, torch.Tensor]:
+        (pair,) = _axis_pairs([pair])
+        if pair.axis == 2:
+            index = evaluation_slices(pair.hr, max_slices)
+            interpolated = _axial(interpolate_through_plane(pair.lr, pair.scale), index)
+            return _as_batch(interpolated), _as_batch(_axial(pair.hr, index))
+        hr, lr = _scored_planes(pair, max_slices)
+        return _as_batch(interpolate_through_plane(lr, pair.scale)), _as_batch(hr)  # along each plane's last axis
+
+
+def _axis_pairs(pairs: Sequence[ScanPair]) -> list[AxisPair]:
+    """``pairs`` checked to be :class:`AxisPair` (a site prepared with another pairing is a programming error)."""
+    wrong = [type(p).__name__ for p in pairs if not isinstance(p, AxisPair)]
+    if wrong:
+        raise TypeError(f"one-axis pairing needs AxisPair, got {wrong[0]}")
+    return list(pairs)

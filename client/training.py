@@ -3,28 +3,46 @@
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from client.device import memory_format, mixed_precision
-from client.pairs import ScanPair
-from shared_models.losses import build_loss
+from shared_models.losses import loss_from_spec
+
+if TYPE_CHECKING:
+    from client.pairs import BatchSource, ScanPair
 
 #: A patch whose brightest HR voxel is below this (normalised units) is background and is re-drawn.
 FOREGROUND_LEVEL = 0.05
 
 
-class PatchSampler:
+class PairedPatches(ABC):
+    """Base of the samplers: ``batch(size)`` stacks ``size`` draws of :meth:`draw` into (B, 1, ...) tensors."""
+
+    @abstractmethod
+    def draw(self) -> tuple[np.ndarray, np.ndarray]:
+        """One aligned (LR, HR) patch pair, float32 arrays."""
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch: LR and HR as (B, 1, ...) float32 tensors in [0, 1]."""
+        lrs, hrs = zip(*(self.draw() for _ in range(size)))
+        lr = torch.from_numpy(np.ascontiguousarray(np.stack(lrs)[:, None]))
+        hr = torch.from_numpy(np.ascontiguousarray(np.stack(hrs)[:, None]))
+        return lr, hr
+
+
+class PatchSampler(PairedPatches):
     """Draws aligned (LR, HR) patches from a site's scan pairs: 2D in-plane squares or 3D cubes.
 
     ``hr_size`` is the HR patch side in voxels; LR patches are ``hr_size // scale``. Each draw picks a scan
     (weighted by its number of slices), a position (for 2D a slice too), re-draws background patches a few
     times, and applies the same random flips (and, in 2D, transposition) to LR and HR. In 3D the scan's LR must
-    be scaled along every axis (``prepare_site(..., geometry="isotropic")``).
+    be scaled along every axis (:class:`client.paired.IsotropicPairing`).
     """
 
     def __init__(
@@ -48,7 +66,8 @@ class PatchSampler:
         self.weights = slices / slices.sum()
         self.rng = rng
 
-    def _draw_one(self) -> tuple[np.ndarray, np.ndarray]:
+    def draw(self) -> tuple[np.ndarray, np.ndarray]:
+        """LR (p, p[, p]) and HR (s*p, s*p[, s*p])."""
         s, p, dims = self.scale, self.lr_size, self.spatial_dims
         for _attempt in range(10):
             pair = self.pairs[self.rng.choice(len(self.pairs), p=self.weights)]
@@ -69,19 +88,6 @@ class PatchSampler:
             lr, hr = lr.T, hr.T
         return lr, hr
 
-    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch: LR (B, 1, p, p[, p]) and HR (B, 1, s*p, s*p[, s*p]), float32 in [0, 1]."""
-        lrs, hrs = zip(*(self._draw_one() for _ in range(size)))
-        lr = torch.from_numpy(np.ascontiguousarray(np.stack(lrs)[:, None]))
-        hr = torch.from_numpy(np.ascontiguousarray(np.stack(hrs)[:, None]))
-        return lr, hr
-
-
-class BatchSource(Protocol):
-    """Anything that yields aligned (LR, HR) training batches, e.g. :class:`PatchSampler`."""
-
-    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]: ...
-
 
 @dataclass(frozen=True)
 class TrainStats:
@@ -90,17 +96,6 @@ class TrainStats:
     loss: float
     patches: int
     seconds: float
-
-
-def parse_loss(spec: str) -> dict[str, float]:
-    """``"l1"`` or ``"l1:1.0,ssim:0.1"`` -> {name: weight}."""
-    weights: dict[str, float] = {}
-    for term in filter(None, (t.strip() for t in spec.split(","))):
-        name, _, weight = term.partition(":")
-        weights[name.strip()] = float(weight) if weight else 1.0
-    if not weights:
-        raise ValueError(f"empty loss specification {spec!r}")
-    return weights
 
 
 def train_supervised(
@@ -118,7 +113,7 @@ def train_supervised(
     On CUDA the forward pass runs under bfloat16 autocast with channels-last tensors; on the CPU everything is
     float32 and, for a fixed seed, deterministic.
     """
-    criterion = build_loss(parse_loss(loss)).to(device)
+    criterion = loss_from_spec(loss).to(device)
     model.to(device).train()
     optimiser = torch.optim.Adam(model.parameters(), lr=learning_rate)
     losses = []

@@ -6,7 +6,6 @@ receives weights and numbers.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from datetime import datetime
@@ -14,15 +13,12 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-import torch
-from torch import nn
 
 from server.checkpoint import FINAL, LAST, write_global
-from server.run_log import RunRecorder, atomic_write_text, toml_dumps
+from server.run_log import RunRecorder, write_run_config
 from server.settings import RunSettings
 from server.strategies import FederationError, SiteFedAvg
-from shared_models.gan import federated_state
-from shared_models.registry import MODELS, build_model, model_spec
+from shared_models.registry import build_from_settings, family, model_spec
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +46,7 @@ def wait_for_sites(grid: Grid, settings: RunSettings) -> list[int]:
             return nodes
         if time.monotonic() >= deadline:
             break
-        time.sleep(0.5)
+        time.sleep(0.1)
     if len(nodes) >= settings.required_sites:
         log.warning("%d of %d sites connected after %.0f s; going on", len(nodes), settings.num_sites,
                     settings.node_wait_seconds)
@@ -59,41 +55,6 @@ def wait_for_sites(grid: Grid, settings: RunSettings) -> list[int]:
         f"only {len(nodes)} of {settings.num_sites} sites connected within {settings.node_wait_seconds:.0f} s "
         f"(min-sites={settings.required_sites}); start the missing SuperNodes or lower num-sites/min-sites"
     )
-
-
-def round_config(settings: RunSettings, model_name: str, model_params: dict) -> ConfigRecord:
-    """What every site receives with the weights: the architecture and the local training/eval settings."""
-    return ConfigRecord(
-        {
-            "model": model_name,
-            "model-params": json.dumps(model_params),
-            "scale": settings.scale,
-            "local-steps": settings.local_steps,
-            "batch-size": settings.batch_size,
-            "patch-size": settings.patch_size,
-            "learning-rate": settings.learning_rate,
-            "loss": settings.loss,
-            "device": settings.device,
-            "seed": settings.seed,
-            "eval-max-slices": settings.eval_max_slices,
-            "gan-discriminator": settings.gan_discriminator,
-            "gan-warmup-rounds": settings.gan_warmup_rounds,
-            "gan-adversarial-weight": settings.gan_adversarial_weight,
-        }
-    )
-
-
-def model_from_settings(settings: RunSettings) -> nn.Module:
-    """The global model the run settings name (``spatial-dims`` only for families that take it)."""
-    if settings.model not in MODELS:
-        raise ValueError(f"unknown model {settings.model!r}; known: {', '.join(sorted(MODELS))}")
-    params = {"preset": settings.model_preset, "scale": settings.scale}
-    if "spatial_dims" in MODELS[settings.model].defaults:
-        params["spatial_dims"] = settings.spatial_dims
-    elif settings.spatial_dims != 2:
-        raise ValueError(f"model {settings.model!r} is 2D only; use --spatial-dims 2")
-    torch.manual_seed(settings.seed)  # the initial global weights are part of a reproducible run
-    return build_model(settings.model, **params)
 
 
 def resolve_run_dir(settings: RunSettings) -> Path:
@@ -107,14 +68,14 @@ def run_federation(grid: Grid, settings: RunSettings) -> RunRecorder:
     """The whole run: sites -> round 0 -> ``num-rounds`` FedAvg rounds (checkpoint each) -> final model + summary."""
     run_dir = resolve_run_dir(settings)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.toml", toml_dumps(settings.to_run_config()))
+    write_run_config(run_dir, settings.to_config())
     recorder = RunRecorder(run_dir)
 
-    nodes = wait_for_sites(grid, settings)
-    model = model_from_settings(settings)
+    model = build_from_settings(settings)  # while the sites connect
     spec = model_spec(model)
-    arrays = ArrayRecord(federated_state(model, settings.gan_discriminator))
-    config = round_config(settings, spec["name"], spec["params"])
+    arrays = ArrayRecord(family(settings.model).shared_state(model, settings.family_options))
+    config = ConfigRecord(settings.round_config())
+    nodes = wait_for_sites(grid, settings)
     log.info("federation of %d sites, model %s %s", len(nodes), spec["name"], spec["params"])
 
     strategy = SiteFedAvg(
@@ -131,7 +92,8 @@ def run_federation(grid: Grid, settings: RunSettings) -> RunRecorder:
 
     def checkpoint(server_round: int, global_arrays: ArrayRecord) -> MetricRecord | None:
         if server_round > 0:
-            write_global(run_dir, model, global_arrays, scale=settings.scale, name=LAST, round_=server_round)
+            write_global(run_dir, model, global_arrays, settings=settings, normalisation=recorder.normalisation,
+                         name=LAST, round_=server_round)
         return None
 
     result = strategy.start(
@@ -143,7 +105,8 @@ def run_federation(grid: Grid, settings: RunSettings) -> RunRecorder:
         evaluate_config=config,
         evaluate_fn=checkpoint,
     )
-    write_global(run_dir, model, result.arrays, scale=settings.scale, name=FINAL, round_=settings.num_rounds)
+    write_global(run_dir, model, result.arrays, settings=settings, normalisation=recorder.normalisation,
+                 name=FINAL, round_=settings.num_rounds)
     recorder.write_summary(settings.num_rounds, {"model": spec})
     log.info("run finished: %s", run_dir)
     return recorder

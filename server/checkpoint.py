@@ -3,43 +3,52 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ArrayRecord
 from torch import nn
 
+from server.settings import RunSettings
 from shared_models.checkpoint import save_checkpoint
-from shared_models.gan import DISCRIMINATOR_PREFIX, export_generator
-from shared_models.registry import model_spec
+from shared_models.registry import family_of
+from shared_models.settings import FamilyOptions
 
 LAST = "checkpoint.pt"
 FINAL = "final_model.pt"
 
 
-def load_global(model: nn.Module, arrays: ArrayRecord) -> nn.Module:
-    """Load the global weights into ``model``.
-
-    Every key must be there, except a GAN discriminator's when it stays at the sites (``gan-discriminator
-    = local``): the coordinator never has it, and the checkpoint keeps the discriminator's initial weights.
-    """
-    result = model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(DISCRIMINATOR_PREFIX)]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"global weights do not fit the model: missing {missing[:3]}, "
-                         f"unexpected {result.unexpected_keys[:3]}")
+def load_global(model: nn.Module, arrays: ArrayRecord, options: FamilyOptions | None) -> nn.Module:
+    """Load the global weights into ``model``: exactly the keys its family sends between sites and coordinator
+    with these ``options``. Weights a family keeps at the sites (e.g. a discriminator that never travels) keep
+    their initial values here."""
+    expected = set(family_of(model).shared_state(model, options))
+    state = arrays.to_torch_state_dict()
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"global weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.load_state_dict(state, strict=False)  # shapes are still checked
     return model
 
 
-def exported(model: nn.Module) -> nn.Module:
-    """What a run delivers: the model itself, or a GAN's generator alone (what is evaluated and applied)."""
-    return export_generator(model) if model_spec(model)["name"] == "gan" else model
-
-
-def write_global(run_dir: Path, model: nn.Module, arrays: ArrayRecord, *, scale: int, name: str, round_: int) -> Path:
+def write_global(
+    run_dir: Path,
+    model: nn.Module,
+    arrays: ArrayRecord,
+    *,
+    settings: RunSettings,
+    normalisation: dict[str, Any],
+    name: str,
+    round_: int,
+) -> Path:
     """Save the global weights as ``run_dir/name`` with the round in its metadata.
 
-    The round checkpoint holds the whole model (a GAN with its discriminator, for resuming); the final model is
-    :func:`exported`.
+    ``normalisation``: how the sites mapped their scans to [0, 1] (``{site: {"modality", "kind", "range"}}``, as
+    they reported it), so that the model can be applied to a new scan, and its output mapped back, the same way.
+    The round checkpoint holds the whole model (for resuming); the final model is what the family exports (e.g. a
+    generator alone when a discriminator trained beside it: what is evaluated and applied).
     """
-    load_global(model, arrays)
-    to_save = exported(model) if name == FINAL else model
-    return save_checkpoint(run_dir / name, to_save, scale=scale, extra={"round": round_})
+    load_global(model, arrays, settings.family_options)
+    to_save = family_of(model).export(model) if name == FINAL else model
+    return save_checkpoint(
+        run_dir / name, to_save, scale=settings.scale, normalisation=normalisation, extra={"round": round_}
+    )

@@ -8,8 +8,11 @@ from __future__ import annotations
 import json
 import os
 import time
+import tomllib
 from pathlib import Path
 from typing import Any, Mapping
+
+import tomli_w
 
 from shared_models.atomic import atomic_write
 
@@ -20,19 +23,44 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def toml_dumps(values: Mapping[str, Any]) -> str:
-    """A flat mapping of str/int/float/bool as TOML (the standard library reads TOML but cannot write it)."""
-    lines = []
-    for key, value in values.items():
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, int | float):
-            text = repr(value)
-        elif isinstance(value, str):
-            text = json.dumps(value)  # a JSON string is a valid TOML basic string
-        else:
-            raise TypeError(f"{key}: cannot write {type(value).__name__} to TOML")
-        lines.append(f"{key} = {text}")
-    return "\n".join(lines) + "\n"
+    """``values`` as TOML text (``tomli_w``; the standard library reads TOML but cannot write it).
+
+    Raises:
+        TypeError: a value TOML cannot hold (e.g. None or an arbitrary object).
+    """
+    return tomli_w.dumps(values)
+
+
+def write_run_config(run_dir: Path, flat: Mapping[str, Any]) -> Path:
+    """``run_dir/config.toml``: the resolved run config, family options as tables (``[family]``) as in pyproject.
+
+    The one writer of that file; :func:`read_run_config` reads it back flat, as Flower hands run configs over.
+    """
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        *tables, name = key.split(".")
+        target = nested
+        for table in tables:
+            target = target.setdefault(table, {})
+        target[name] = value
+    path = run_dir / "config.toml"
+    atomic_write_text(path, toml_dumps(nested))
+    return path
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """What :func:`write_run_config` wrote, with nested tables flattened to ``table.key`` (Flower's form)."""
+
+    def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for key, value in table.items():
+            if isinstance(value, dict):
+                flat.update(flatten(value, f"{prefix}{key}."))
+            else:
+                flat[prefix + key] = value
+        return flat
+
+    return flatten(tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8")))
 
 
 class RunRecorder:
@@ -45,18 +73,30 @@ class RunRecorder:
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
         self.latest_evaluation: dict[str, dict[str, float]] = {}
+        self.normalisation: dict[str, dict[str, Any]] = {}
         self.started = time.time()
 
-    def record(self, server_round: int, phase: str, site: str, metrics: Mapping[str, Any]) -> None:
-        """Append one line (flushed and fsynced, so a crash never leaves a partial object behind)."""
+    def record(
+        self, server_round: int, phase: str, site: str, metrics: Mapping[str, Any], about: Mapping[str, Any]
+    ) -> None:
+        """Append one line (flushed and fsynced, so a crash never leaves a partial object behind).
+
+        ``about``: what the site said of itself besides its name: ``baseline`` (the interpolation its
+        ``baseline-*`` scores come from), recorded in the row, and ``normalisation`` (JSON: modality, kind and range
+        of its intensity mapping), kept for the checkpoints.
+        """
         row = {"round": server_round, "phase": phase, "site": site, "time": round(time.time() - self.started, 3)}
+        if "baseline" in about:
+            row["baseline"] = str(about["baseline"])
+        if "normalisation" in about:
+            self.normalisation[site] = json.loads(str(about["normalisation"]))
         row.update({k: v for k, v in metrics.items()})
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
         if phase == "evaluate":
-            self.latest_evaluation[site] = dict(metrics)
+            self.latest_evaluation[site] = {k: v for k, v in row.items() if k not in ("round", "phase", "site", "time")}
 
     def write_summary(self, rounds: int, extra: Mapping[str, Any] | None = None) -> Path:
         """``summary.json``: the last evaluation of every site (final global model) and the run's size/time."""

@@ -1,110 +1,87 @@
-"""Run settings: one typed object for every key of `[tool.flwr.app.config]` in pyproject.toml.
+"""The coordinator's run settings: the sites' settings plus those that stay with the coordinator.
 
-The ServerApp reads them from `context.run_config` (``flwr run``); ``fedsr simulate`` builds them from its
-flags. Keys are kebab-case in the run config and snake_case here.
+Every key of pyproject's ``[tool.flwr.app.config]`` is a field here or in :class:`shared_models.settings.SiteSettings`
+(which travel to the sites), or an option of a model family (``<family>.<option>``, declared by the family). The
+ServerApp reads them from ``context.run_config`` (``flwr run``); ``fedsr simulate`` builds the same run config from
+its flags and ``--run-config``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared_models.registry import family_options_types, model_problems
+from shared_models.settings import FamilyOptions, PlainValue, SiteSettings, setting, unknown_keys
 
 
 @dataclass(frozen=True)
-class RunSettings:
-    """Everything that shapes a federated run.
+class RunSettings(SiteSettings):
+    """Everything that shapes a federated run. Times are in seconds.
 
-    Sizes are in pixels, times in seconds. ``patch_size`` is the side of a high-resolution training patch;
-    the low-resolution patch is ``patch_size // scale``.
+    ``options``: every registered family's options (``{family: FamilyOptions}``); the chosen family's travel to the
+    sites with the round config.
     """
 
-    num_rounds: int = 5
-    num_sites: int = 3
-    min_sites: int = 2
-    local_steps: int = 40
-    batch_size: int = 16
-    patch_size: int = 48
-    learning_rate: float = 1e-3
-    loss: str = "l1"
-    model: str = "edsr"
-    model_preset: str = "tiny"
-    spatial_dims: int = 2
-    scale: int = 2
-    device: str = "auto"
-    seed: int = 0
-    evaluate_round_zero: bool = True
-    eval_max_slices: int = 48
-    node_wait_seconds: float = 120.0
-    round_timeout: float = 3600.0
-    run_dir: str = ""
-    sites_dir: str = ""
-    gan_discriminator: str = "federated"
-    gan_warmup_rounds: int = 1
-    gan_adversarial_weight: float = 0.005
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.num_rounds < 1:
-            problems.append("num-rounds must be >= 1")
-        if self.num_sites < 1:
-            problems.append("num-sites must be >= 1")
-        if self.min_sites < 1:
-            problems.append("min-sites must be >= 1")
-        if self.local_steps < 1 or self.batch_size < 1:
-            problems.append("local-steps and batch-size must be >= 1")
-        if self.spatial_dims not in (2, 3):
-            problems.append(f"spatial-dims must be 2 or 3, got {self.spatial_dims}")
-        if self.scale not in (2, 4):
-            problems.append(f"scale must be 2 or 4, got {self.scale}")
-        if self.patch_size % self.scale or self.patch_size // self.scale < 8:
-            problems.append(f"patch-size {self.patch_size} must be a multiple of scale {self.scale} and >= 8*scale")
-        if self.learning_rate <= 0:
-            problems.append("learning-rate must be > 0")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.gan_discriminator not in ("federated", "local"):
-            problems.append(f"gan-discriminator must be federated or local, got {self.gan_discriminator!r}")
-        if problems:
-            raise ValueError("invalid run settings: " + "; ".join(problems))
+    num_rounds: int = setting(5, "Federated rounds.", flag="--rounds", minimum=1)
+    num_sites: int = setting(3, "Sites in the federation (simulation: phantom sites to generate).", flag="--sites",
+                             minimum=1)
+    min_sites: int = setting(2, "Sites that must reply usably in every round for the run to go on.",
+                             flag="--min-sites", minimum=1)
+    evaluate_round_zero: bool = setting(True, "Score the untrained model at every site before round 1.")
+    node_wait_seconds: float = setting(120.0, "How long to wait for the sites to connect.", minimum=0)
+    round_timeout: float = setting(3600.0, "How long one round may take before missing replies are given up.",
+                                   positive=True)
+    run_dir: str = setting("", "Run folder (metrics, checkpoints, summary). Default: runs/<timestamp>.",
+                           flag="--run-dir")
+    sites_dir: str = setting("", "Simulation: folder with one sub-folder per site. Default: phantom sites.",
+                             flag="--sites-dir")
+    options: Mapping[str, FamilyOptions] = field(default_factory=lambda: _default_options())
 
     @property
     def required_sites(self) -> int:
         """Sites that must reply in every round for the run to go on (never more than the federation has)."""
         return min(self.min_sites, self.num_sites)
 
+    @property
+    def family_options(self) -> FamilyOptions | None:
+        """The chosen model family's options (None for a family that declares none)."""
+        return self.options.get(self.model)
+
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunSettings":
-        """Build from a Flower run config (kebab-case keys); unknown keys are an error, missing keys default."""
-        known = {f.name.replace("_", "-"): f for f in fields(cls)}
-        unknown = sorted(set(run_config) - set(known))
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:
+        """Build from a Flower run config (flat kebab-case keys, family options as ``family.option``).
+
+        Missing keys take their defaults. Raises ValueError naming unknown keys and bad values.
+        """
+        option_types = family_options_types()
+        unknown = unknown_keys(run_config, cls, *option_types.values())
         if unknown:
-            raise ValueError(f"unknown run-config keys {unknown}; known keys: {sorted(known)}")
-        values = {}
-        for key, value in run_config.items():
-            field = known[key]
-            values[field.name] = _coerce(key, value, type(field.default))
-        return cls(**values)
+            known = [d.key for kind in (cls, *option_types.values()) for d in kind.declared()]
+            raise ValueError(f"unknown run-config keys {unknown}; known keys: {', '.join(known)}")
+        options = {name: kind.parse(run_config) for name, kind in option_types.items()}
+        return cls.parse(run_config, options=options)
 
-    def to_run_config(self) -> dict[str, Any]:
-        """The kebab-case mapping ``flwr run --run-config`` and ``config.toml`` use."""
-        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+    def to_config(self) -> dict[str, PlainValue]:
+        """The flat run config (``config.toml``, ``flwr run --run-config``): every setting and family option."""
+        flat = super().to_config()
+        for options in self.options.values():
+            flat.update(options.to_config())
+        return flat
 
-    def replace(self, **changes: Any) -> "RunSettings":
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
+    def round_config(self) -> dict[str, PlainValue]:
+        """What travels to the sites each round: the site settings and the chosen family's options."""
+        values: dict[str, PlainValue] = dict(self.site_settings().to_config())
+        if self.family_options is not None:
+            values.update(self.family_options.to_config())
+        return values
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        problems += model_problems(self.model, self.model_preset, self.spatial_dims)
+        return problems
 
 
-def _coerce(key: str, value: Any, kind: type) -> Any:
-    """Convert a TOML value to the field's type, with an error that names the key."""
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"run-config key {key!r} must be true or false, got {value!r}")
-    if kind is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise ValueError(f"run-config key {key!r} must be {kind.__name__}, got {value!r}")
-    return value
+def _default_options() -> dict[str, FamilyOptions]:
+    return {name: kind() for name, kind in family_options_types().items()}

@@ -18,11 +18,16 @@ class FederationError(RuntimeError):
     """The federation cannot go on (too few sites, no usable update); the message says what to do."""
 
 
+def site_about(msg: Message) -> dict:
+    """What a site said of itself in its reply (``name``, ``baseline``, ``normalisation``); empty for error replies."""
+    if msg.has_content() and "site" in msg.content.config_records:
+        return dict(msg.content.config_records["site"])
+    return {}
+
+
 def site_name(msg: Message) -> str:
     """The display name a site put in its reply, or its node id when it sent none (error replies)."""
-    if msg.has_content() and "site" in msg.content.config_records:
-        return str(msg.content.config_records["site"]["name"])
-    return f"node-{msg.metadata.src_node_id}"
+    return str(site_about(msg).get("name", f"node-{msg.metadata.src_node_id}"))
 
 
 class SiteFedAvg(FedAvg):
@@ -63,7 +68,7 @@ class SiteFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         usable = self._usable(server_round, "train", replies)
         for msg in usable:
-            self.recorder.record(server_round, "train", site_name(msg), dict(msg.content["metrics"]))
+            self.recorder.record(server_round, "train", site_name(msg), dict(msg.content["metrics"]), site_about(msg))
         arrays, metrics = super().aggregate_train(server_round, usable)
         if arrays is not None:
             self.reference = arrays
@@ -72,7 +77,8 @@ class SiteFedAvg(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         usable = self._usable(server_round, "evaluate", replies)
         for msg in usable:
-            self.recorder.record(server_round, "evaluate", site_name(msg), dict(msg.content["metrics"]))
+            self.recorder.record(server_round, "evaluate", site_name(msg), dict(msg.content["metrics"]),
+                                 site_about(msg))
         return super().aggregate_evaluate(server_round, usable)
 
     def round_zero(self, grid, arrays: ArrayRecord, config: ConfigRecord, timeout: float) -> None:

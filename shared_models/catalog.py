@@ -4,23 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared_models.registry import MODELS, build_model, count_parameters
-
-
-def _supported_dims(family: str, preset: str | None) -> list[int]:
-    """Spatial dims the family's constructor accepts (it raises ValueError for the others); a family without
-    a ``spatial_dims`` parameter is treated as 2D, as ``shared_models.inference`` does."""
-    if "spatial_dims" not in MODELS[family].defaults:
-        return [2]
-    preset_arg = {} if preset is None else {"preset": preset}
-    dims = []
-    for d in (2, 3):
-        try:
-            build_model(family, **preset_arg, spatial_dims=d)
-        except ValueError:
-            continue
-        dims.append(d)
-    return dims
+from shared_models.registry import build_model, count_parameters, families, supported_dims
 
 
 def model_catalog() -> list[dict[str, Any]]:
@@ -32,10 +16,10 @@ def model_catalog() -> list[dict[str, Any]]:
     (``in_channels``, ``scale``) are left at its defaults.
     """
     rows = []
-    for family in sorted(MODELS):
-        defaults = MODELS[family].defaults
-        for preset in list(MODELS[family].presets) or [None]:
-            dims = _supported_dims(family, preset)
+    for family, entry in sorted(families().items()):
+        defaults = entry.defaults
+        for preset in list(entry.presets) or [None]:
+            dims = supported_dims(family, preset)
             params: dict[str, Any] = {} if preset is None else {"preset": preset}
             if "in_channels" in defaults:
                 params["in_channels"] = 1

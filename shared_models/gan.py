@@ -21,6 +21,7 @@ Families:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from monai.networks.blocks import SubpixelUpsample
@@ -29,6 +30,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from shared_models.registry import build_model, model_spec, register_model, unwrap
 from shared_models.resample import upsample_baseline
+from shared_models.settings import FamilyOptions, setting
 
 #: state_dict prefix of the discriminator inside a "gan" pair (what stays at a site in "local" mode).
 DISCRIMINATOR_PREFIX = "discriminator."
@@ -53,6 +55,29 @@ _GENERATOR_PARAMS = (
     "spatial_dims", "in_channels", "scale", "n_blocks", "width", "growth", "dense_layers", "res_scale",
     "global_residual",
 )
+
+
+@dataclass(frozen=True)
+class GanOptions(FamilyOptions):
+    """The GAN's run options (``gan.discriminator`` ...), sent to the sites with each round.
+
+    Rounds ``1..warmup_rounds`` train the generator with the pixel loss only (ESRGAN's PSNR-oriented start); after
+    that the generator loss adds ``adversarial_weight`` x the relativistic adversarial term.
+    """
+
+    namespace = "gan."
+
+    discriminator: str = setting(
+        "federated", "federated: both networks are averaged; local: the discriminator never leaves the site.",
+        choices=DISCRIMINATOR_MODES,
+    )
+    warmup_rounds: int = setting(1, "Rounds of pixel-loss-only generator training before adversarial training.",
+                                 minimum=0)
+    adversarial_weight: float = setting(0.005, "Weight of the adversarial term after warm-up.", minimum=0.0)
+
+    def adversarial(self, server_round: int) -> bool:
+        """Whether this round trains adversarially (after warm-up, with a positive weight)."""
+        return server_round > self.warmup_rounds and self.adversarial_weight > 0
 
 
 def _check_2d(spatial_dims: int) -> None:
@@ -226,7 +251,18 @@ class PatchDiscriminator(nn.Module):
         return self.body(x)
 
 
-@register_model("gan", presets=GAN_PRESETS)
+def _travelling_state(model: nn.Module, options: GanOptions | None) -> dict[str, torch.Tensor]:
+    return federated_state(model, (options or GanOptions()).discriminator)
+
+
+def _export(model: nn.Module) -> nn.Module:
+    return export_generator(model)
+
+
+@register_model(
+    "gan", presets=GAN_PRESETS, options=GanOptions, task="client.tasks.gan:GanTask",
+    shared_state=_travelling_state, export=_export,
+)
 class GANPair(nn.Module):
     """Generator + discriminator as one model: ``forward(x)`` = ``generator(x)``.
 

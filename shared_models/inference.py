@@ -4,7 +4,7 @@ Why not ``monai.inferers.sliding_window_inference`` (MONAI 1.6)? It does handle 
 the window (it derives a zoom factor from the first output), but it zero-pads any axis shorter than the window
 and blends every window with one and the same weight map, so voxels a tile computed next to its own border (where
 a convolution sees the tile's padding, not the neighbouring voxels) still count: a Gaussian map keeps ~3e-4 of
-the centre weight there, "constant" mode all of it. With an untrained 3D EDSR (= trilinear interpolation) on a
+the centre weight there, "constant" mode all of it. With an untrained 3D residual CNN (= trilinear interpolation) on a
 40x36x28 volume, 32^3 windows, overlap 0.25, Gaussian mode, it differs from the untiled forward by up to 0.25;
 the loop here agrees to 1e-7. It gives each tile a weight that is zero next to the borders it shares with other
 tiles, rises smoothly across the rest of the overlap, and stays 1 on the volume's own borders.
@@ -14,21 +14,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any, overload
 
 import numpy as np
 import torch
 from torch import nn
 
-from shared_models.registry import model_spec
-from shared_models.smore import super_resolve_through_plane
+from shared_models.image import ScanImage
+from shared_models.registry import family_of, model_spec
 
 TILE = 32  # LR voxels per tile side (3D)
 OVERLAP = 8  # LR voxels shared by neighbouring tiles
 
 
-def _family(model: nn.Module) -> str | None:
+def _family_apply(model: nn.Module):
+    """The family's own whole-volume inference, or None (the 2D/3D paths here; also for unregistered models)."""
     try:
-        return model_spec(model)["name"]
+        return family_of(model).apply
     except (ValueError, AttributeError):
         return None
 
@@ -42,8 +44,31 @@ def model_spatial_dims(model: nn.Module) -> int:
         return 2
 
 
+@overload
+def super_resolve(model: nn.Module, lr_volume: ScanImage, **options: Any) -> ScanImage: ...
+
+
+@overload
+def super_resolve(model: nn.Module, lr_volume: np.ndarray, **options: Any) -> np.ndarray: ...
+
+
+def super_resolve(model: nn.Module, lr_volume: np.ndarray | ScanImage, **options: Any) -> np.ndarray | ScanImage:
+    """Super-resolve a scan (see :func:`super_resolve_voxels` for the options).
+
+    Given a :class:`~shared_models.image.ScanImage`, returns one: the output voxels with the affine updated for the
+    new grid (voxels smaller by the scale along the restored axes, the field of view kept), the modality and the
+    intensity mapping carried over, so the result can be written back in patient space and scanner units. Given an
+    array, returns an array. ``slices`` (a partial output) is only for arrays.
+    """
+    if isinstance(lr_volume, ScanImage):
+        if options.get("slices") is not None:
+            raise ValueError("slices: a partial output has no grid of its own; pass the voxel array instead")
+        return lr_volume.with_voxels(super_resolve_voxels(model, lr_volume.voxels, **options))
+    return super_resolve_voxels(model, lr_volume, **options)
+
+
 @torch.no_grad()
-def super_resolve(
+def super_resolve_voxels(
     model: nn.Module,
     lr_volume: np.ndarray,
     *,
@@ -55,7 +80,8 @@ def super_resolve(
     tile_batch_size: int = 2,
 ) -> np.ndarray:
     """Super-resolve a scan with a 2D model (in-plane, slice by slice), a 3D model (whole volume, in tiles) or a
-    SMORE model (through-plane: (X, Y, Z) -> (X, Y, s*Z), ``slices`` then index the output Z).
+    family's own whole-volume inference (e.g. through-plane: (X, Y, Z) -> (X, Y, s*Z), ``slices`` then index the
+    output Z).
 
     Args:
         model: built by ``build_model``; ``spatial_dims`` in its spec picks the path (missing: 2D).
@@ -76,8 +102,9 @@ def super_resolve(
     model.eval().to(device)
     if lr_volume.ndim != 3:
         raise ValueError(f"lr_volume must be (X, Y, Z), got shape {lr_volume.shape}")
-    if _family(model) == "smore":  # restores Z only, from both orthogonal through-plane orientations
-        out = super_resolve_through_plane(model, lr_volume, device=device, batch_size=batch_size)
+    apply = _family_apply(model)
+    if apply is not None:  # e.g. a one-axis family restoring Z only
+        out = apply(model, lr_volume, device=device, batch_size=batch_size)
         return out if slices is None else out[:, :, np.asarray(slices)]
     if model_spatial_dims(model) == 3:
         volume = torch.from_numpy(np.ascontiguousarray(lr_volume, dtype=np.float32))[None, None]

@@ -117,6 +117,25 @@ def build_loss(weights: Mapping[str, float]) -> CombinedLoss:
     return CombinedLoss(active)
 
 
+def parse_loss(spec: str) -> dict[str, float]:
+    """``"l1"`` or ``"l1:1.0,ssim:0.1"`` -> {name: weight} (the ``loss`` run setting)."""
+    weights: dict[str, float] = {}
+    for term in filter(None, (t.strip() for t in spec.split(","))):
+        name, _, weight = term.partition(":")
+        try:
+            weights[name.strip()] = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"loss term {term!r}: the weight after ':' must be a number") from None
+    if not weights:
+        raise ValueError(f"empty loss specification {spec!r}")
+    return weights
+
+
+def loss_from_spec(spec: str) -> CombinedLoss:
+    """The loss a ``loss`` run setting names; ValueError naming an unknown term or a bad weight."""
+    return build_loss(parse_loss(spec))
+
+
 # ------------------------------------------------------------------------------------------ adversarial terms
 # These take discriminator logits, not (SR, HR), so they are not in LOSS_TERMS. Logits may be patch maps
 # (B, 1, h, w); "E[...]" is the mean over every logit of the batch. Computed with BCE-with-logits (stable).

@@ -1,45 +1,128 @@
-"""Model families by name: build from plain hyperparameters, and recover those hyperparameters from a model.
+"""Model families as plugins: one registry entry bundles everything that is particular to a family.
 
-A family registers itself with ``@register_model("name", presets={...})`` on its class (or factory); the
-built-in family modules are imported at the bottom of this file so that ``build_model`` always knows them.
+A family registers itself with ``@register_model("name", presets={...}, ...)`` on its class (or factory). The entry
+holds its architecture (the factory and its presets), its options (a :class:`~shared_models.settings.FamilyOptions`
+dataclass, namespaced ``name.option``), its local task at a site (``"module:Class"`` of a
+``client.tasks.LocalTask``, which makes the site's training pairs and interpolation baseline and trains), how it is
+applied to a whole volume, which weights travel between the sites and the coordinator, and what a run exports.
+Generic code (server, evaluation, inference, CLI) asks the entry and never names a family.
+
+The built-in families are imported on first use (:func:`families`). Other packages add families through the entry-point
+group ``fedsr.families`` (``[project.entry-points."fedsr.families"] name = "package.module"``): the module is imported,
+and its ``register_model`` calls register it, on the coordinator and at every site alike.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import inspect
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from shared_models.settings import FamilyOptions, SiteSettings
+
+log = logging.getLogger(__name__)
 
 PlainValue = bool | int | float | str | None
 _SPEC_ATTR = "fedsr_spec"
 _PLAIN_TYPES = (bool, int, float, str, type(None))
+#: Entry-point group through which installed packages add model families.
+ENTRY_POINT_GROUP = "fedsr.families"
+#: The family a run trains when none is named (the ``model`` setting's default).
+DEFAULT_MODEL = "edsr"
+#: The local task of a family that names none: paired supervised SR (``client.tasks.supervised``).
+SUPERVISED_TASK = "client.tasks.supervised:SupervisedTask"
+
+#: ``shared_state(model, options) -> {key: tensor}``: the weights that travel between a site and the coordinator.
+SharedState = Callable[[nn.Module, "FamilyOptions | None"], dict[str, torch.Tensor]]
+#: ``apply(model, lr_volume, device=..., batch_size=...) -> sr_volume``: a family's own whole-volume inference.
+VolumeApply = Callable[..., "np.ndarray"]
+
+
+def whole_state(model: nn.Module, options: FamilyOptions | None = None) -> dict[str, torch.Tensor]:
+    """Every key of the model's state: what travels for a family that keeps nothing at the sites."""
+    return {k: v.detach() for k, v in unwrap(model).state_dict().items()}
+
+
+def as_is(model: nn.Module) -> nn.Module:
+    """The model itself: what a run exports for a family that trains exactly what it applies."""
+    return model
 
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """One registered family: its constructor, accepted keyword names with defaults, and named presets."""
+    """One registered family.
+
+    Attributes:
+        name: the family's name (``--model``).
+        factory: builds the network from keyword hyperparameters (all with plain defaults).
+        defaults: the factory's keyword names and default values.
+        presets: named sets of hyperparameters (``tiny``, ``small``, ``base``).
+        options: the family's run options (``FamilyOptions`` subclass), or None.
+        task: ``"module:Class"`` of the site's local procedure (a ``client.tasks.LocalTask``).
+        shared_state: the weights that travel (default: all of them).
+        export: the model a finished run delivers and scores (default: the trained model itself).
+        apply: the family's own whole-volume inference; None = slice by slice (2D) or in tiles (3D).
+    """
 
     name: str
     factory: Callable[..., nn.Module]
     defaults: Mapping[str, Any]
     presets: Mapping[str, Mapping[str, PlainValue]]
+    options: type[FamilyOptions] | None = None
+    task: str = SUPERVISED_TASK
+    shared_state: SharedState = whole_state
+    export: Callable[[nn.Module], nn.Module] = as_is
+    apply: VolumeApply | None = None
 
 
+#: Every registered family by name, filled on first use (:func:`families`).
 MODELS: dict[str, ModelFamily] = {}
+#: The built-in families' modules (each registers itself when imported).
+BUILTIN_FAMILIES = ("shared_models.edsr", "shared_models.srcnn", "shared_models.swinir", "shared_models.gan",
+                    "shared_models.smore")
+_loaded = False
+
+
+def families() -> dict[str, ModelFamily]:
+    """Every registered family by name: the built-in ones and those of installed plugins, imported on first use
+    (so that importing this module, e.g. for a site's data check, does not import every network)."""
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in BUILTIN_FAMILIES:
+            importlib.import_module(module)
+        load_installed_families()
+    return MODELS
 
 
 def register_model(
-    name: str, *, presets: Mapping[str, Mapping[str, PlainValue]] | None = None
+    name: str,
+    *,
+    presets: Mapping[str, Mapping[str, PlainValue]] | None = None,
+    options: type[FamilyOptions] | None = None,
+    task: str = SUPERVISED_TASK,
+    shared_state: SharedState = whole_state,
+    export: Callable[[nn.Module], nn.Module] = as_is,
+    apply: VolumeApply | None = None,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator registering a model class/factory under ``name``.
+    """Decorator registering a model class/factory as the family ``name`` (see :class:`ModelFamily`).
 
     Every constructor parameter must be keyword-capable with a plain default (bool/int/float/str/None), so a
-    model can be rebuilt from a checkpoint's stored hyperparameters alone.
+    model can be rebuilt from a checkpoint's stored hyperparameters alone. ``options.namespace`` must be
+    ``"name."``.
     """
+    if options is not None and options.namespace != f"{name}.":
+        raise ValueError(f"{name}: options {options.__name__} must have namespace = {name + '.'!r}")
 
     def decorate(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in MODELS:
@@ -51,7 +134,10 @@ def register_model(
             defaults[param.name] = param.default
         for preset, values in (presets or {}).items():
             _check_known(name, values, defaults, what=f"preset {preset!r}")
-        MODELS[name] = ModelFamily(name, factory, defaults, dict(presets or {}))
+        MODELS[name] = ModelFamily(
+            name, factory, defaults, dict(presets or {}), options=options, task=task, shared_state=shared_state,
+            export=export, apply=apply,
+        )
         return factory
 
     return decorate
@@ -77,9 +163,9 @@ def build_model(name: str, **params: PlainValue) -> nn.Module:
     Raises:
         ValueError: unknown family, preset or parameter (the message lists the known ones).
     """
-    family = MODELS.get(name)
+    family = families().get(name)
     if family is None:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(families()))}")
     preset = params.pop("preset", None)
     if preset is not None and preset not in family.presets:
         raise ValueError(f"{name}: unknown preset {preset!r}; known presets: {', '.join(family.presets)}")
@@ -109,12 +195,81 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
     return {"name": spec["name"], "params": dict(spec["params"])}
 
 
+def family(name: str) -> ModelFamily:
+    """The registered family ``name``; ValueError listing the known ones otherwise."""
+    known = families()
+    if name not in known:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(known))}")
+    return known[name]
+
+
+def family_of(model: nn.Module) -> ModelFamily:
+    """The family a model built by :func:`build_model` belongs to."""
+    return family(model_spec(model)["name"])
+
+
+def family_options_types() -> dict[str, type[FamilyOptions]]:
+    """``{family: options class}`` of every family that declares options."""
+    return {name: f.options for name, f in sorted(families().items()) if f.options is not None}
+
+
+def supported_dims(name: str, preset: str | None = None) -> list[int]:
+    """Spatial dims the family accepts (2 for a family whose factory has no ``spatial_dims``): the constructor is
+    asked, so the family's own checks decide."""
+    found = family(name)
+    if "spatial_dims" not in found.defaults:
+        return [2]
+    preset_arg = {} if preset is None else {"preset": preset}
+    dims = []
+    for d in (2, 3):
+        try:
+            build_model(name, **preset_arg, spatial_dims=d)
+        except ValueError:
+            continue
+        dims.append(d)
+    return dims
+
+
+def model_problems(name: str, preset: str, spatial_dims: int) -> list[str]:
+    """Why ``model`` / ``model-preset`` / ``spatial-dims`` cannot be built together (empty when they can)."""
+    known = families()
+    if name not in known:
+        return [f"unknown model {name!r}; known models: {', '.join(sorted(known))}"]
+    presets = known[name].presets
+    if presets and preset not in presets:
+        return [f"model {name!r} has no preset {preset!r}; known presets: {', '.join(presets)}"]
+    dims = supported_dims(name, preset if presets else None)
+    if spatial_dims not in dims:
+        return [f"model {name!r} supports spatial-dims {' or '.join(map(str, dims))}, not {spatial_dims}"]
+    return []
+
+
+def build_from_settings(settings: SiteSettings) -> nn.Module:
+    """The model the run settings name (``model``, ``model-preset``, ``scale``, ``spatial-dims``), built the same
+    way by the coordinator and by every site. Seeded with ``settings.seed``: the initial weights are part of a
+    reproducible run."""
+    found = family(settings.model)
+    params: dict[str, PlainValue] = {"preset": settings.model_preset} if found.presets else {}
+    if "scale" in found.defaults:
+        params["scale"] = settings.scale
+    if "spatial_dims" in found.defaults:
+        params["spatial_dims"] = settings.spatial_dims
+    torch.manual_seed(settings.seed)
+    return build_model(settings.model, **params)
+
+
 def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
     """Number of scalar parameters (all, or only those with ``requires_grad``)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-# Built-in families register themselves on import (kept last: they import register_model from here).
-for _module in ("shared_models.edsr", "shared_models.srcnn", "shared_models.swinir", "shared_models.gan",
-                "shared_models.smore"):
-    importlib.import_module(_module)
+def load_installed_families() -> None:
+    """Import the modules that installed packages declare in the ``fedsr.families`` entry-point group (done on first
+    use; call again after installing one into a running process). A module already imported is not imported
+    again; a broken plugin is logged and skipped (the built-in families still work)."""
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            entry.load()
+        except Exception as err:  # a third-party module may raise anything on import
+            log.error("model family plugin %s (%s) could not be loaded: %s", entry.name, entry.value, err)
+

@@ -105,7 +105,12 @@ class AxisSubpixelUpsample(nn.Module):
         return self.shuffle(self.conv(x))
 
 
-@register_model("smore", presets=SMORE_PRESETS)
+def _apply(model: nn.Module, volume: np.ndarray, *, device: torch.device | str, batch_size: int) -> np.ndarray:
+    """Whole-volume inference of the family: restore the slice axis (see :func:`super_resolve_through_plane`)."""
+    return super_resolve_through_plane(model, volume, device=device, batch_size=batch_size)
+
+
+@register_model("smore", presets=SMORE_PRESETS, task="client.tasks.smore:SmoreTask", apply=_apply)
 class SMORE(nn.Module):
     """EDSR-like network that restores the last axis: (B, 1, H, W) -> (B, 1, H, scale*W).
 

@@ -245,3 +245,16 @@ def make_thick_site(site_dir: Path, scale: int) -> dict[str, np.ndarray]:
     toml = site_dir / "site.toml"
     toml.write_text('supervision = "self"\n' + toml.read_text())
     return truth
+
+
+@pytest.fixture
+def round_job():
+    """``round_job(settings, server_round)``: the RoundJob a site gets in that round of a run with ``settings``
+    (the coordinator's round ConfigRecord, read as the ClientApp reads it), on the CPU."""
+    from client.tasks.base import RoundJob
+
+    def make(settings, server_round: int) -> RoundJob:
+        config = {**settings.round_config(), "server-round": server_round}
+        return RoundJob.from_config(config, torch.device("cpu"))
+
+    return make

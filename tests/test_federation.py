@@ -72,6 +72,10 @@ def test_the_run_finishes_with_the_usable_sites(federation):
     assert sorted(summary["sites"]) == sorted(names)  # the empty site never evaluates
     model, meta = load_checkpoint(run_dir / "final_model.pt")
     assert meta["extra"]["round"] == 2 and meta["scale"] == 2
+    # how each site mapped its scans to [0, 1] travels into the checkpoint (a rule, no scan's values)
+    assert meta["normalisation"] == {
+        name: {"modality": "MR", "kind": "mr-percentile", "range": [0.5, 99.5]} for name in names
+    }
 
 
 def test_an_empty_site_fails_alone_with_its_folder_named(federation):
@@ -101,4 +105,5 @@ def test_round_zero_scores_the_untrained_model_as_bicubic(federation):
     evals = {(r["round"], r["site"]): r for r in rows if r["phase"] == "evaluate"}
     for name in names:
         zero = evals[(0, name)]
-        assert zero["psnr"] == pytest.approx(zero["bicubic_psnr"], abs=1e-6)  # untrained model = bicubic
+        assert zero["baseline"] == "bicubic"
+        assert zero["psnr"] == pytest.approx(zero["baseline-psnr"], abs=1e-6)  # untrained model = bicubic

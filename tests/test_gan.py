@@ -8,19 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import RecordDict
 from torch import nn
 
-import client.tasks.gan  # noqa: F401  (registers the "gan" task)
-import shared_models.gan  # noqa: F401  (registers the "gan" and "rrdb" families)
 from client.evaluation import METRIC_KEYS
 from client.state import StateError, load_state, save_state_atomic, site_state_dir
-from client.tasks import TASKS, RoundJob
+from client.tasks import RoundJob, task_for
 from client.tasks.gan import GanTask, discriminator_state_path
 from shared_models.checkpoint import load_checkpoint, save_checkpoint
 from shared_models.gan import (
     DISCRIMINATOR_PREFIX,
     GANPair,
+    GanOptions,
     RRDBGenerator,
     export_generator,
     federated_state,
@@ -196,26 +194,26 @@ def site_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _job(server_round: int, mode: str = "federated", **changes) -> RoundJob:
-    spec = model_spec(build_model("gan", preset="tiny", width=16, growth=8, n_blocks=1, d_width=8, scale=2))
     job = RoundJob(
-        model="gan", model_params=spec["params"], scale=2, server_round=server_round, local_steps=4, batch_size=2,
-        patch_size=32, learning_rate=1e-3, loss="l1", seed=0, eval_max_slices=4, device=torch.device("cpu"),
-        extra={"gan-discriminator": mode, "gan-warmup-rounds": 1, "gan-adversarial-weight": 0.005},
+        model="gan", scale=2, server_round=server_round, local_steps=4, batch_size=2, patch_size=32,
+        learning_rate=1e-3, loss="l1", seed=0, eval_max_slices=4,
+        options=GanOptions(discriminator=mode, warmup_rounds=1, adversarial_weight=0.005),
     )
     return dataclasses.replace(job, **changes)
 
 
 def _fresh(job: RoundJob, seed: int = 0) -> GANPair:
+    """A small GAN pair (smaller than the tiny preset: quick tests), its initial weights seeded."""
     torch.manual_seed(seed)
-    return build_model(job.model, **job.model_params)
+    return build_model("gan", preset="tiny", width=16, growth=8, n_blocks=1, d_width=8, scale=job.scale)
 
 
 def _discriminator(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in state.items() if k.startswith(DISCRIMINATOR_PREFIX)}
 
 
-def test_gan_task_is_registered() -> None:
-    assert isinstance(TASKS["gan"], GanTask)
+def test_gan_task_is_the_familys_plugin_task() -> None:
+    assert isinstance(task_for("gan"), GanTask)
 
 
 def test_warmup_round_trains_the_generator_only(site_dir: Path) -> None:
@@ -223,8 +221,7 @@ def test_warmup_round_trains_the_generator_only(site_dir: Path) -> None:
     site = task.prepare(str(site_dir), job)
     model = _fresh(job)
     sent = {k: v.clone() for k, v in model.state_dict().items()}
-    task.load_global(model, sent, RecordDict(), site)
-    result = task.train(model, site, job, RecordDict())
+    result = task.train(model, sent, site, job)
     assert set(result.metrics) == METRICS
     assert result.metrics["d-loss"] == 0.0 and result.metrics["g-adv-loss"] == 0.0
     assert result.metrics["num-examples"] == sum(p.hr.shape[2] for p in site.train)
@@ -239,15 +236,14 @@ def test_adversarial_round_trains_both_networks(site_dir: Path) -> None:
     site = task.prepare(str(site_dir), job)
     model = _fresh(job)
     sent = {k: v.clone() for k, v in model.state_dict().items()}
-    task.load_global(model, sent, RecordDict(), site)
-    result = task.train(model, site, job, RecordDict())
+    result = task.train(model, sent, site, job)
     assert set(result.metrics) == METRICS
     assert result.metrics["g-adv-loss"] > 0 and result.metrics["d-loss"] > 0
     assert all(math.isfinite(v) for v in result.metrics.values())
     changed = [k for k, v in _discriminator(sent).items() if not torch.equal(result.weights[k], v)]
     assert changed
-    scores = task.evaluate(model, site, job)
-    assert set(METRIC_KEYS) <= set(scores) and scores["num_val_slices"] > 0
+    scores = task.evaluate(model, result.weights, site, job)
+    assert set(METRIC_KEYS) <= set(scores) and scores["num-val-slices"] > 0
 
 
 def test_local_discriminator_stays_on_site_and_comes_back(tmp_path: Path, site_dir: Path) -> None:
@@ -257,41 +253,54 @@ def test_local_discriminator_stays_on_site_and_comes_back(tmp_path: Path, site_d
     generator_only = {k: v.clone() for k, v in federated_state(model, "local").items()}
     path = discriminator_state_path(site_state_dir({}, site.directory), model)
     path.unlink(missing_ok=True)  # module-scoped site: start without a saved discriminator
-    task.load_global(model, generator_only, RecordDict(), site)
-    result = task.train(model, site, job, RecordDict())
+    result = task.train(model, generator_only, site, job)
     assert set(result.metrics) == METRICS and result.metrics["d-loss"] > 0
     assert set(result.weights) == set(generator_only)
     assert not any("discriminator" in k for k in result.weights)
     assert path.is_file() and path.parent == site_dir / ".fedsr-state"
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
-    trained = _discriminator(model.state_dict())
-
-    # Next round: a freshly built model gets the generator from the coordinator, the discriminator from disk.
-    next_job = dataclasses.replace(job, server_round=3)
-    site = task.prepare(str(site_dir), next_job)
-    again = _fresh(next_job, seed=1)
-    assert any(not torch.equal(again.state_dict()[k], v) for k, v in trained.items())
-    task.load_global(again, result.weights, RecordDict(), site)
-    for key, value in trained.items():
-        torch.testing.assert_close(again.state_dict()[key], value, rtol=0, atol=0)
     saved = load_state(path)
     assert saved["round"] == 2 and saved["optimiser"]["state"]  # the optimiser's moments are kept too
-    result = task.train(again, site, next_job, RecordDict())
-    assert load_state(path)["round"] == 3
-    assert not any("discriminator" in k for k in result.weights)
+    round_two_file = path.read_bytes()
+
+    # Next round: freshly built models (any initial discriminator) get the generator from the coordinator and the
+    # discriminator from disk, so they train identically; without the file they would not.
+    next_job = dataclasses.replace(job, server_round=3)
+    outcomes = []
+    for build_seed in (1, 7):
+        path.write_bytes(round_two_file)
+        again = _fresh(next_job, seed=build_seed)
+        outcomes.append(task.train(again, result.weights, site, next_job))
+        assert load_state(path)["round"] == 3
+    assert outcomes[0].metrics["d-loss"] == outcomes[1].metrics["d-loss"]
+    path.unlink()
+    fresh = task.train(_fresh(next_job, seed=1), result.weights, site, next_job)  # no file: a fresh discriminator
+    assert fresh.metrics["d-loss"] != outcomes[0].metrics["d-loss"]
+    assert not any("discriminator" in k for k in fresh.weights)
+
+
+def test_local_discriminator_goes_to_the_supernodes_state_dir(tmp_path: Path, site_dir: Path) -> None:
+    state_dir = tmp_path / "var-lib-fedsr"
+    job = _job(server_round=2, mode="local", node_config={"state-dir": str(state_dir)})
+    task = GanTask()
+    site = task.prepare(str(site_dir), job)
+    model = _fresh(job)
+    task.train(model, federated_state(model, "local"), site, job)
+    assert discriminator_state_path(state_dir, model).is_file()
 
 
 def test_local_mode_refuses_weights_that_do_not_match(site_dir: Path) -> None:
     task, job = GanTask(), _job(server_round=2, mode="local")
     site = task.prepare(str(site_dir), job)
     model = _fresh(job)
-    task.load_global(model, dict(model.state_dict()), RecordDict(), site)  # the coordinator sent the discriminator
     with pytest.raises(ValueError, match="must send the generator only"):
-        task.train(model, site, job, RecordDict())
+        task.train(model, dict(model.state_dict()), site, job)  # the coordinator sent the discriminator
     partial = federated_state(model, "local")
     partial.pop(next(iter(partial)))
     with pytest.raises(ValueError, match="missing"):
-        task.load_global(_fresh(job), partial, RecordDict(), site=site)
+        task.train(_fresh(job), partial, site, job)
+    with pytest.raises(ValueError, match="'federated' mode both"):
+        task.train(_fresh(job), federated_state(model, "local"), site, _job(server_round=2))
 
 
 def test_a_new_run_starts_a_fresh_reproducible_local_discriminator(site_dir: Path) -> None:
@@ -305,9 +314,7 @@ def test_a_new_run_starts_a_fresh_reproducible_local_discriminator(site_dir: Pat
         model = _fresh(job, seed=0)
         sent = {k: v.clone() for k, v in federated_state(model, "local").items()}
         model = _fresh(job, seed=build_seed)  # a differently initialised discriminator
-        task.prepare(str(site_dir), job)
-        task.load_global(model, sent, RecordDict(), site)
-        results.append(task.train(model, site, job, RecordDict()))
+        results.append(task.train(model, sent, site, job))
     for key, value in results[0].weights.items():
         torch.testing.assert_close(results[1].weights[key], value, rtol=0, atol=0)
     assert results[1].metrics["d-loss"] == results[0].metrics["d-loss"]

@@ -1,4 +1,4 @@
-"""The rules between folders (ARCHITECTURE.md): who may import whom."""
+"""The rules between folders (ARCHITECTURE.md at the project root, "Rules between them"): who may import whom."""
 
 import ast
 from pathlib import Path

@@ -273,7 +273,7 @@ def test_2d_super_resolve_still_works_slice_by_slice() -> None:
 
 def test_catalog_lists_every_family_and_preset() -> None:
     rows = model_catalog()
-    expected = {(name, preset) for name, fam in registry.MODELS.items() for preset in (list(fam.presets) or [None])}
+    expected = {(name, preset) for name, fam in registry.families().items() for preset in (list(fam.presets) or [None])}
     assert {(row["family"], row["preset"]) for row in rows} == expected
     assert all(set(row) == {"family", "preset", "spatial_dims", "params_2d_x2"} for row in rows)
     by_key = {(row["family"], row["preset"]): row for row in rows}

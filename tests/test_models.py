@@ -92,7 +92,7 @@ def test_registry_errors_list_what_is_known(name: str, params: dict, listed: str
 
 
 def test_a_new_family_registers_with_the_decorator(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "MODELS", dict(registry.MODELS))
+    monkeypatch.setattr(registry, "MODELS", dict(registry.families()))
 
     @register_model("toy", presets={"wide": {"width": 8}})
     class Toy(nn.Module):

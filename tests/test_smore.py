@@ -3,7 +3,6 @@ at a paired site and a thick-slice self-supervised site of the same federation."
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,20 +13,16 @@ import torch
 import torch.nn.functional as F
 
 from client.data.errors import SiteError
-from client.data.site import load_site
+from client.data.site import SiteScan, load_site
+from client.data.volume import Volume
 from client.degrade import PRESETS, slice_profile_subsample
 from client.evaluation import METRIC_KEYS
-from client.selfsup import (
-    PlaneSampler,
-    inplane_pair,
-    prepare_smore_site,
-    selfsup_thickness_mm,
-    through_plane_pair,
-    training_planes,
-)
-from client.tasks import TASKS
+from client.pairs import prepare_site
+from client.selfsup import AxisPairing, PlaneSampler, inplane_pair, selfsup_thickness_mm, through_plane_pair
+from client.tasks import task_for
 from client.tasks.base import RoundJob
 from client.tasks.smore import SmoreTask
+from shared_models.image import Normalisation
 from shared_models.checkpoint import load_checkpoint, save_checkpoint
 from shared_models.metrics import score
 from shared_models.registry import build_model, model_spec
@@ -43,18 +38,23 @@ from tests.conftest import DATA, make_thick_site
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SCALE = 2
-EVAL_KEYS = {*METRIC_KEYS, "num_val_scans", "num_val_slices", "eval_seconds"}
+EVAL_KEYS = {*METRIC_KEYS, "num-val-scans", "num-val-slices", "eval-seconds"}
 TRAIN_KEYS = {"num-examples", "train-loss", "train-patches", "train-seconds"}
 
 
 def _job(**changes) -> RoundJob:
     values = dict(
-        model="smore", model_params={"preset": "tiny", "scale": SCALE}, scale=SCALE, server_round=1, local_steps=60,
-        batch_size=4, patch_size=32, learning_rate=1e-3, loss="l1", seed=0, eval_max_slices=48,
-        device=torch.device("cpu"),
+        model="smore", model_preset="tiny", scale=SCALE, server_round=1, local_steps=60, batch_size=4, patch_size=32,
+        learning_rate=1e-3, loss="l1", seed=0, eval_max_slices=48,
     )
     values.update(changes)
     return RoundJob(**values)
+
+
+def _scan(voxels: np.ndarray, spacing: tuple[float, float, float], split: str = "train") -> SiteScan:
+    """An already normalised scan with a plain axis-aligned affine, as a site would load it."""
+    volume = Volume(voxels, spacing, np.diag([*spacing, 1.0]), "MR", "test.nii", "s")
+    return SiteScan(volume, voxels, Normalisation("mr-percentile", 0.0, 1.0), split)
 
 
 def _model(**params) -> torch.nn.Module:
@@ -119,7 +119,6 @@ def test_overfits_a_single_pair_without_global_residual() -> None:
     hr_t, lr_t = torch.from_numpy(hr)[None, None], torch.from_numpy(lr)[None, None]
     model = _model(global_residual=False)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
-    start = time.perf_counter()
     with torch.no_grad():
         first = F.l1_loss(model(lr_t), hr_t).item()
     for _ in range(300):
@@ -129,8 +128,7 @@ def test_overfits_a_single_pair_without_global_residual() -> None:
         optimiser.step()
         if loss.item() < first / 10:
             break
-    assert loss.item() < first / 10
-    assert time.perf_counter() - start < 15
+    assert loss.item() < first / 10  # its wall time is measured by benchmarks/speed_checks.py
 
 
 def test_registry_presets_and_checkpoint_round_trip(tmp_path: Path) -> None:
@@ -191,7 +189,7 @@ def test_inplane_lr_is_the_slice_profile_acquisition_of_hr() -> None:
     thick = rng.uniform(0, 1, (21, 18, 4)).astype(np.float32)
     profile = PRESETS["mr-1.5t-kspace"]  # 2 mm gaussian slice profile
     for axis in (0, 1):
-        pair = inplane_pair("s", thick, profile, SCALE, (1.0, 1.0, 2.0), axis)
+        pair = inplane_pair(_scan(thick, (1.0, 1.0, 2.0)), profile, SCALE, axis)
         assert pair.hr.shape == (20, 18, 4)  # centre-cropped to multiples of the scale
         expected = slice_profile_subsample(pair.hr, SCALE, axis, 2.0, 1.0, "gaussian")
         np.testing.assert_array_equal(pair.lr, expected)
@@ -203,7 +201,7 @@ def test_inplane_lr_is_the_slice_profile_acquisition_of_hr() -> None:
 def test_sampler_patches_keep_the_degraded_axis_last() -> None:
     rng = np.random.default_rng(4)
     base = rng.uniform(0.1, 1, (40, 36, 3)).astype(np.float32)
-    pair = inplane_pair("s", base, PRESETS["mr-3t-kspace"], SCALE, (1.0, 1.0, 2.0), axis=1)
+    pair = inplane_pair(_scan(base, (1.0, 1.0, 2.0)), PRESETS["mr-3t-kspace"], SCALE, axis=1)
     sampler = PlaneSampler([pair], SCALE, 32, np.random.default_rng(0))
     lr, hr = sampler.batch(12)
     assert lr.shape == (12, 1, 32, 16) and hr.shape == (12, 1, 32, 32)
@@ -213,7 +211,7 @@ def test_sampler_patches_keep_the_degraded_axis_last() -> None:
         np.testing.assert_allclose(lr_patch[:, margin:-margin], direct[:, margin:-margin], atol=1e-6)
     # thick volumes are short along the degraded axis: patches shrink to fit
     thin = rng.uniform(0.1, 1, (20, 24, 10)).astype(np.float32)
-    short = through_plane_pair("t", thin, PRESETS["mr-3t-kspace"], SCALE, (1.0, 1.0, 1.0), rng)
+    short = through_plane_pair(_scan(thin, (1.0, 1.0, 1.0)), PRESETS["mr-3t-kspace"], SCALE, rng)
     assert (short.hr.shape, short.lr.shape, short.axis, short.across) == ((20, 24, 10), (20, 24, 5), 2, (0, 1))
     lr, hr = PlaneSampler([short], SCALE, 48, np.random.default_rng(0)).batch(2)
     assert lr.shape == (2, 1, 20, 5) and hr.shape == (2, 1, 20, 10)
@@ -243,24 +241,26 @@ def trained(sites: Sites) -> dict[str, dict]:
     model, scores before and after, and the TrainResult."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    task, out = TASKS["smore"], {}
+    task, out = task_for("smore"), {}
     for site_dir in (sites.paired, sites.thick):
         job = _job()
         site = task.prepare(site_dir, job)
-        model = build_model(job.model, **job.model_params)  # the same architecture at both sites
-        before = task.evaluate(model, site, job)
-        result = task.train(model, site, job, None)
+        model = build_model("smore", preset="tiny", scale=SCALE)  # the same architecture at both sites
+        untrained = {k: v.clone() for k, v in model.state_dict().items()}
+        before = task.evaluate(model, untrained, site, job)
+        result = task.train(model, untrained, site, job)
         out[site.supervision] = dict(
-            site=site, model=model, before=before, after=task.evaluate(model, site, job), result=result
+            site=site, model=model, before=before, after=task.evaluate(model, result.weights, site, job),
+            result=result,
         )
     torch.set_num_threads(previous)
     return out
 
 
 def test_sites_prepare_the_same_kind_of_pairs(sites: Sites) -> None:
-    paired = prepare_smore_site(sites.paired, SCALE)
-    thick = prepare_smore_site(sites.thick, SCALE)
-    assert prepare_smore_site(sites.thick, SCALE) is thick  # cached per process
+    paired = prepare_site(sites.paired, SCALE, AxisPairing())
+    thick = prepare_site(sites.thick, SCALE, AxisPairing())
+    assert prepare_site(sites.thick, SCALE, AxisPairing()) is thick  # cached per process
     assert paired.supervision == "paired" and thick.supervision == "self"
     assert [(p.hr.shape, p.lr.shape, p.axis) for p in paired.train] == [((48, 48, 24), (48, 48, 12), 2)]
     # the self-supervised site's own scans are thick: 12 slices of 2 mm; pairs are in-plane, along Y and X
@@ -272,7 +272,8 @@ def test_sites_prepare_the_same_kind_of_pairs(sites: Sites) -> None:
     for z in (0, 6, 11):  # LR of every in-plane slice = the slice-profile acquisition of that slice along Y
         np.testing.assert_allclose(val.lr[:, :, z], slice_profile_subsample(val.hr[:, :, z], SCALE, 1, 2.0, 1.0),
                                    atol=1e-6)
-    assert training_planes(paired.train) == 48 + 48 and training_planes(thick.train) == 2 * 12
+    pairing = AxisPairing()
+    assert pairing.num_examples(paired.train) == 48 + 48 and pairing.num_examples(thick.train) == 2 * 12
 
 
 def test_unknown_supervision_is_refused(tmp_path: Path) -> None:
@@ -280,11 +281,11 @@ def test_unknown_supervision_is_refused(tmp_path: Path) -> None:
     toml = site / "site.toml"
     toml.write_text('supervision = "weak"\n' + toml.read_text())
     with pytest.raises(SiteError, match="supervision 'weak'"):
-        prepare_smore_site(str(site), SCALE)
+        prepare_site(str(site), SCALE, AxisPairing())
 
 
 def test_both_kinds_of_site_train_and_report_the_same_keys(trained) -> None:
-    assert isinstance(TASKS["smore"], SmoreTask)
+    assert isinstance(task_for("smore"), SmoreTask)
     assert set(trained) == {"paired", "self"}
     for run in trained.values():
         assert set(run["result"].metrics) == TRAIN_KEYS
@@ -292,11 +293,11 @@ def test_both_kinds_of_site_train_and_report_the_same_keys(trained) -> None:
         assert set(run["before"]) == set(run["after"]) == EVAL_KEYS
         assert all(np.isfinite(v) for v in run["after"].values())
         # untrained = the interpolation baseline (the global residual starts at zero)
-        assert run["before"]["psnr"] == pytest.approx(run["before"]["bicubic_psnr"], abs=1e-4)
-        assert run["after"]["num_val_scans"] == 1
-    assert trained["paired"]["after"]["num_val_slices"] == 24  # axial slices of the restored 24-slice volume
-    assert trained["self"]["after"]["num_val_slices"] == 12  # in-plane proxy: the 12 acquired slices
-    assert trained["self"]["after"]["psnr"] > trained["self"]["after"]["bicubic_psnr"]  # the proxy improves
+        assert run["before"]["psnr"] == pytest.approx(run["before"]["baseline-psnr"], abs=1e-4)
+        assert run["after"]["num-val-scans"] == 1
+    assert trained["paired"]["after"]["num-val-slices"] == 24  # axial slices of the restored 24-slice volume
+    assert trained["self"]["after"]["num-val-slices"] == 12  # in-plane proxy: the 12 acquired slices
+    assert trained["self"]["after"]["psnr"] > trained["self"]["after"]["baseline-psnr"]  # the proxy improves
 
 
 def test_updates_of_both_sites_average_into_one_model(trained) -> None:
@@ -310,9 +311,9 @@ def test_updates_of_both_sites_average_into_one_model(trained) -> None:
 
 def test_paired_site_beats_interpolation_through_plane(trained) -> None:
     scores = trained["paired"]["after"]  # axial slices of its val scan, restored through-plane
-    assert scores["psnr"] > scores["bicubic_psnr"] + 1.0  # measured: +3.3 dB (+3.0 to +3.4 over seeds)
-    assert scores["ssim"] > scores["bicubic_ssim"]
-    assert scores["nrmse"] < scores["bicubic_nrmse"]
+    assert scores["psnr"] > scores["baseline-psnr"] + 1.0  # measured: +3.3 dB (+3.0 to +3.4 over seeds)
+    assert scores["ssim"] > scores["baseline-ssim"]
+    assert scores["nrmse"] < scores["baseline-nrmse"]
 
 
 def test_self_supervised_site_restores_its_own_slices(sites: Sites, trained) -> None:

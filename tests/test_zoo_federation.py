@@ -25,6 +25,7 @@ from client.degrade import PRESETS, degrade_inplane, degrade_isotropic, degrade_
 from server.app import run_federation
 from server.settings import RunSettings
 from shared_models.checkpoint import load_checkpoint
+from shared_models.gan import GanOptions
 from shared_models.inference import super_resolve
 from simulation.phantoms import write_phantom_sites
 from tests.conftest import make_thick_site
@@ -33,8 +34,8 @@ RUNS = {
     "srcnn": dict(model="srcnn"),
     "edsr-3d": dict(model="edsr", spatial_dims=3, patch_size=16),
     "swinir": dict(model="swinir"),
-    "gan-federated": dict(model="gan", gan_discriminator="federated", gan_warmup_rounds=0),
-    "gan-local": dict(model="gan", gan_discriminator="local", gan_warmup_rounds=0),
+    "gan-federated": dict(model="gan", options={"gan": GanOptions(discriminator="federated", warmup_rounds=0)}),
+    "gan-local": dict(model="gan", options={"gan": GanOptions(discriminator="local", warmup_rounds=0)}),
     "smore": dict(model="smore"),
 }
 FINAL_FAMILY = {"gan-federated": "rrdb", "gan-local": "rrdb", "edsr-3d": "edsr"}
@@ -47,7 +48,7 @@ def wire_recorder(path: Path):
         reply = call_next(msg, context)
         config = msg.content["config"]
         row = {
-            "model": str(config["model"]), "mode": str(config["gan-discriminator"]),
+            "model": str(config["model"]), "mode": str(config.get("gan.discriminator", "")),
             "type": msg.metadata.message_type, "node": int(context.node_config["partition-id"]),
             "in": sorted(msg.content["arrays"].keys()),
             "out": sorted(reply.content["arrays"].keys()) if reply.has_content() and reply.content.array_records else [],

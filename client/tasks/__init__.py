@@ -1,33 +1,28 @@
 """What a site does in a round, per model family: prepare its pairs, train locally, evaluate.
 
-The ClientApp looks the task up by the model family the coordinator names. Supervised SR (CNNs and
-transformers, 2D or 3D) is the default; families with their own local procedure (GAN, self-supervised)
-register a task of their own with :func:`register_task`.
+The ClientApp asks the family's registry entry (``shared_models.registry``) for its task, a ``"module:Class"``
+path; paired supervised SR (:class:`client.tasks.supervised.SupervisedTask`) is the default, and families with
+a local procedure of their own extend it.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+
 from client.tasks.base import LocalTask, RoundJob, TrainResult
-
-TASKS: dict[str, LocalTask] = {}
-
-
-def register_task(*families: str):
-    """Class decorator: the task serves these model families."""
-
-    def decorate(cls: type[LocalTask]) -> type[LocalTask]:
-        for family in families:
-            TASKS[family] = cls()
-        return cls
-
-    return decorate
+from shared_models.registry import family
 
 
-def task_for(family: str) -> LocalTask:
-    """The task for a model family (supervised when the family registers none)."""
-    from client.tasks import gan, smore, supervised  # noqa: F401  (each registers its families)
+@functools.cache
+def task_for(name: str) -> LocalTask:
+    """The local task of the model family ``name`` (one instance per process)."""
+    path = family(name).task
+    module, _, attribute = path.partition(":")
+    task = getattr(importlib.import_module(module), attribute)()
+    if not isinstance(task, LocalTask):
+        raise TypeError(f"model family {name!r}: its task {path} is not a client.tasks.LocalTask")
+    return task
 
-    return TASKS.get(family, TASKS["*"])
 
-
-__all__ = ["LocalTask", "RoundJob", "TrainResult", "register_task", "task_for", "TASKS"]
+__all__ = ["LocalTask", "RoundJob", "TrainResult", "task_for"]

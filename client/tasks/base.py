@@ -1,62 +1,46 @@
-"""The contract between the ClientApp and a local task."""
+"""The contract between the ClientApp and a family's local task, and the site's typed view of a round."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, RecordDict
 from torch import nn
 
 from client.pairs import PreparedSite
+from shared_models.registry import family
+from shared_models.settings import FamilyOptions, SiteSettings
 
 
 @dataclass(frozen=True)
-class RoundJob:
-    """One round's instructions from the coordinator (the ConfigRecord, typed).
+class RoundJob(SiteSettings):
+    """One round's instructions at a site: the :class:`SiteSettings` the coordinator sent, typed and checked, plus
+    the round number, the family's options, the torch device the site resolved and the SuperNode's node config
+    (``state-dir``, ``device``, ``site-dir``: the site's own, never the coordinator's)."""
 
-    ``patch_size``: HR patch side (pixels). ``extra``: every key the base fields do not cover (family options
-    such as GAN settings), as sent.
-    """
-
-    model: str
-    model_params: dict[str, Any]
-    scale: int
-    server_round: int
-    local_steps: int
-    batch_size: int
-    patch_size: int
-    learning_rate: float
-    loss: str
-    seed: int
-    eval_max_slices: int
-    device: torch.device
-    extra: dict[str, Any] = field(default_factory=dict)
+    server_round: int = 0
+    options: FamilyOptions | None = None
+    torch_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    node_config: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, config: ConfigRecord, device: torch.device) -> "RoundJob":
-        import json
+    def from_config(
+        cls, config: Mapping[str, Any], torch_device: torch.device, node_config: Mapping[str, Any] | None = None
+    ) -> RoundJob:
+        """Parse a round config (a ``ConfigRecord`` or any mapping) sent by the coordinator.
 
-        known = {
-            "model", "model-params", "scale", "server-round", "local-steps", "batch-size", "patch-size",
-            "learning-rate", "loss", "seed", "eval-max-slices", "device",
-        }
-        return cls(
-            model=str(config["model"]),
-            model_params=json.loads(str(config["model-params"])),
-            scale=int(config["scale"]),
+        Raises ValueError for an unknown family or a value of the wrong type; the message names the key.
+        """
+        options_type = family(str(config.get("model", cls.model))).options
+        return cls.parse(
+            config,
             server_round=int(config.get("server-round", 0)),
-            local_steps=int(config["local-steps"]),
-            batch_size=int(config["batch-size"]),
-            patch_size=int(config["patch-size"]),
-            learning_rate=float(config["learning-rate"]),
-            loss=str(config["loss"]),
-            seed=int(config["seed"]),
-            eval_max_slices=int(config["eval-max-slices"]),
-            device=device,
-            extra={k: v for k, v in config.items() if k not in known},
+            options=options_type.parse(config) if options_type is not None else None,
+            torch_device=torch_device,
+            node_config=dict(node_config or {}),
         )
 
 
@@ -69,22 +53,22 @@ class TrainResult:
 
 
 class LocalTask(ABC):
-    """A family's local procedure: how a site prepares its data, trains and evaluates."""
+    """A family's local procedure at a site: prepare its data, train from the global weights, evaluate them."""
 
     @abstractmethod
     def prepare(self, site_dir: str, job: RoundJob) -> PreparedSite:
         """The site's pairs for this task (cached per process by the implementation)."""
 
-    def load_global(
-        self, model: nn.Module, weights: dict[str, torch.Tensor], state: RecordDict, site: PreparedSite
-    ) -> None:
-        """Put the coordinator's weights into the freshly built model (all of its keys by default)."""
-        model.load_state_dict(weights)
+    @abstractmethod
+    def train(self, model: nn.Module, weights: dict[str, torch.Tensor], site: PreparedSite, job: RoundJob) -> TrainResult:
+        """Local training from the coordinator's ``weights``; returns what leaves the site."""
 
     @abstractmethod
-    def train(self, model: nn.Module, site: PreparedSite, job: RoundJob, state: RecordDict) -> TrainResult:
-        """Local training from the global weights; returns what leaves the site."""
+    def evaluate(
+        self, model: nn.Module, weights: dict[str, torch.Tensor], site: PreparedSite, job: RoundJob
+    ) -> dict[str, float]:
+        """Scores of the coordinator's ``weights`` on the site's validation pairs (client.evaluation's keys)."""
 
-    @abstractmethod
-    def evaluate(self, model: nn.Module, site: PreparedSite, job: RoundJob) -> dict[str, float]:
-        """Scores on the site's validation scans (keys of client.evaluation.METRIC_KEYS + num_val_*)."""
+    def baseline_method(self, site: PreparedSite) -> str:
+        """The interpolation the scores are compared with."""
+        return site.pairing.baseline_method

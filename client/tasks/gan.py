@@ -1,12 +1,14 @@
 """GAN super-resolution at one site: an RRDB generator against a patch discriminator (ESRGAN-style).
 
-Round settings (``job.extra``, from the coordinator's round config):
+The supervised task with two steps changed. Its options (:class:`shared_models.gan.GanOptions`, sent with each
+round as ``gan.*``):
 
-- ``gan-discriminator``: ``"federated"`` (both networks are averaged) or ``"local"`` (only the generator leaves
-  the site; each site keeps its own discriminator, and its optimiser state, in its state folder on disk).
-- ``gan-warmup-rounds``: rounds ``1..N`` train the generator with the pixel loss only (PSNR-oriented start,
+- ``gan.discriminator``: ``"federated"`` (both networks are averaged) or ``"local"`` (only the generator leaves
+  the site; each site keeps its own discriminator, and its optimiser state, in its state folder: the SuperNode's
+  ``state-dir`` node config, else ``SITE/.fedsr-state``).
+- ``gan.warmup-rounds``: rounds ``1..N`` train the generator with the pixel loss only (PSNR-oriented start,
   as ESRGAN pre-trains its generator); the discriminator is neither used nor changed.
-- ``gan-adversarial-weight``: weight of the relativistic adversarial term after warm-up.
+- ``gan.adversarial-weight``: weight of the relativistic adversarial term after warm-up.
 
 After warm-up the generator loss is ``pixel (job.loss) + 0.1 * structural (SSIM, or HFEN) + weight *
 relativistic average adversarial loss``, and the discriminator takes one step per generator step.
@@ -18,29 +20,18 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import RecordDict
 from torch import nn
 
-from client.evaluation import evaluate_pairs
-from client.pairs import PreparedSite, prepare_site
+from client.pairs import BatchSource, PreparedSite
 from client.state import StateError, load_state, save_state_atomic, site_state_dir
-from client.tasks import register_task
-from client.tasks.base import LocalTask, RoundJob, TrainResult
-from client.tasks.supervised import round_seed
-from client.training import PatchSampler, parse_loss
-from shared_models.gan import (
-    DISCRIMINATOR_MODES,
-    DISCRIMINATOR_PREFIX,
-    GANPair,
-    PatchDiscriminator,
-    federated_state,
-)
-from shared_models.losses import ADVERSARIAL_LOSSES, build_loss
+from client.tasks.base import RoundJob
+from client.tasks.supervised import SupervisedTask, round_seed
+from shared_models.gan import DISCRIMINATOR_PREFIX, GANPair, GanOptions, PatchDiscriminator
+from shared_models.losses import ADVERSARIAL_LOSSES, build_loss, parse_loss
 from shared_models.registry import model_spec, unwrap
 
 log = logging.getLogger(__name__)
@@ -51,44 +42,9 @@ STRUCTURAL_WEIGHT = 0.1
 ADVERSARIAL_LOSS = "relativistic"
 #: Adam betas of both networks (ESRGAN).
 ADAM_BETAS = (0.9, 0.99)
-#: Defaults when the round config lacks a GAN key (the coordinator's RunSettings defaults).
-DEFAULTS = {"gan-discriminator": "federated", "gan-warmup-rounds": 1, "gan-adversarial-weight": 0.005}
 
 STATE_FORMAT = "fedsr-gan-discriminator"
 STATE_VERSION = 1
-_LOADED_ATTR = "_fedsr_gan_loaded"  # set by load_global on the freshly built model: what it found
-
-
-@dataclass(frozen=True)
-class GanSettings:
-    """The GAN keys of a round config, typed and checked."""
-
-    discriminator: str
-    warmup_rounds: int
-    adversarial_weight: float
-
-    @classmethod
-    def from_job(cls, job: RoundJob) -> "GanSettings":
-        values = {**DEFAULTS, **{k: v for k, v in job.extra.items() if k in DEFAULTS}}
-        settings = cls(
-            discriminator=str(values["gan-discriminator"]),
-            warmup_rounds=int(values["gan-warmup-rounds"]),
-            adversarial_weight=float(values["gan-adversarial-weight"]),
-        )
-        if settings.discriminator not in DISCRIMINATOR_MODES:
-            raise ValueError(
-                f"gan-discriminator must be one of {', '.join(DISCRIMINATOR_MODES)}, got {settings.discriminator!r}"
-            )
-        if settings.warmup_rounds < 0 or not settings.adversarial_weight >= 0:
-            raise ValueError(
-                "gan-warmup-rounds and gan-adversarial-weight must be >= 0, got "
-                f"{settings.warmup_rounds}, {settings.adversarial_weight}"
-            )
-        return settings
-
-    def adversarial(self, server_round: int) -> bool:
-        """Whether this round trains adversarially (after warm-up, with a positive weight)."""
-        return server_round > self.warmup_rounds and self.adversarial_weight > 0
 
 
 def discriminator_state_path(state_dir: Path, model: nn.Module) -> Path:
@@ -107,77 +63,58 @@ def structural_term(loss_terms: dict[str, float], patch_size: int) -> str | None
     return None
 
 
-@register_task("gan")
-class GanTask(LocalTask):
+def _pair(model: nn.Module) -> GANPair:
+    pair = unwrap(model)
+    if not isinstance(pair, GANPair):
+        raise TypeError(f"the GAN task needs a GANPair model, got {type(pair).__name__}")
+    return pair
+
+
+def _options(job: RoundJob) -> GanOptions:
+    return job.options if isinstance(job.options, GanOptions) else GanOptions()
+
+
+class GanTask(SupervisedTask):
     """Paired in-plane SR with an adversarial generator loss; the generator is what is evaluated."""
 
-    def prepare(self, site_dir: str, job: RoundJob) -> PreparedSite:
-        site = prepare_site(site_dir, job.scale)
-        return site
-
-    def load_global(
-        self,
-        model: nn.Module,
-        weights: dict[str, torch.Tensor],
-        state: RecordDict,
-        site: PreparedSite,
-    ) -> None:
-        """Load the coordinator's weights; in "local" mode also the site's own discriminator.
-
-        Weights with discriminator keys ("federated"): every key, strictly. Without ("local"): exactly the
-        generator's keys (a missing or extra key is an error), and the discriminator (plus its optimiser
-        state, kept for :meth:`train`) is restored from the site's state folder when a file is there; otherwise
-        it keeps its fresh initialisation.
-        """
-        pair = unwrap(model)
-        if not isinstance(pair, GANPair):
-            raise TypeError(f"the GAN task needs a 'gan' model, got {type(pair).__name__}")
-        if any(k.startswith(DISCRIMINATOR_PREFIX) for k in weights):
+    def load_global(self, model: nn.Module, weights: dict[str, torch.Tensor], site: PreparedSite, job: RoundJob) -> None:
+        """Load the coordinator's weights: every key ("federated"), or exactly the generator's ("local": the
+        discriminator is the site's own, restored from its state folder when it trains). A coordinator that sends
+        the other mode's weights is an error naming both."""
+        pair = _pair(model)
+        mode = _options(job).discriminator
+        sent_discriminator = any(k.startswith(DISCRIMINATOR_PREFIX) for k in weights)
+        if sent_discriminator != (mode == "federated"):
+            sent = "discriminator weights" if sent_discriminator else "no discriminator weights"
+            raise ValueError(
+                f"gan.discriminator is {mode!r} but the coordinator sent {sent}: in 'local' mode it must send the "
+                "generator only, in 'federated' mode both networks"
+            )
+        if mode == "federated":
             pair.load_state_dict(weights)
-            setattr(pair, _LOADED_ATTR, {"mode": "federated", "restored": None, "site": None})
             return
         expected = {k for k in pair.state_dict() if not k.startswith(DISCRIMINATOR_PREFIX)}
         missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
         if missing or unexpected:
-            raise ValueError(
-                f"generator weights do not fit the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-            )
+            raise ValueError(f"generator weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         pair.load_state_dict(weights, strict=False)  # shapes are still checked
-        restored = _restore_discriminator(pair, site)
-        setattr(pair, _LOADED_ATTR, {"mode": "local", "restored": restored, "site": site and site.directory})
 
-    def train(self, model: nn.Module, site: PreparedSite, job: RoundJob, state: RecordDict) -> TrainResult:
-        gan = GanSettings.from_job(job)
-        pair = unwrap(model)
-        if not isinstance(pair, GANPair):
-            raise TypeError(f"the GAN task needs a 'gan' model, got {type(pair).__name__}")
-        loaded = getattr(pair, _LOADED_ATTR, None)
-        if loaded is not None and loaded["mode"] != gan.discriminator:
-            sent = "discriminator weights" if loaded["mode"] == "federated" else "no discriminator weights"
-            raise ValueError(
-                f"gan-discriminator is {gan.discriminator!r} but the coordinator sent {sent}: in 'local' mode it "
-                "must send the generator only (shared_models.gan.federated_state), in 'federated' mode both"
-            )
-        seed = round_seed(site, job)
-        torch.manual_seed(seed)
-        adversarial = gan.adversarial(job.server_round)
-        optimiser_state = None
-        state_path = None
-        if adversarial and gan.discriminator == "local":
-            state_path = discriminator_state_path(site_state_dir({}, site.directory), pair)
-            if loaded is not None and loaded["site"] == site.directory:
-                restored = loaded["restored"]
-            else:  # load_global did not know this site (called without prepare): restore it now
-                restored = _restore_discriminator(pair, site)
+    def fit(self, model: nn.Module, site: PreparedSite, job: RoundJob, rng: np.random.Generator) -> dict[str, float]:
+        pair = _pair(model)
+        options = _options(job)
+        adversarial = options.adversarial(job.server_round)
+        local = adversarial and options.discriminator == "local"
+        optimiser_state, state_path = None, None
+        if local:
+            state_path = discriminator_state_path(site_state_dir(job.node_config, site.directory), pair)
+            restored = _restore_discriminator(pair, site, state_path)
             if restored is None or int(restored["round"]) >= job.server_round:
                 # No file yet, or one from another run (rounds only grow within a run; a resumed run goes on).
-                _reset_discriminator(pair, seed)
+                _reset_discriminator(pair, round_seed(site, job))
             else:
                 optimiser_state = restored["optimiser"]
-
-        sampler = PatchSampler(site.train, site.scale, job.patch_size, np.random.default_rng(seed))
-        stats = _train_pair(pair, sampler, job, gan, adversarial, optimiser_state)
+        sampler = site.pairing.sampler(site.train, site.scale, job.patch_size, rng)
+        stats = _train_pair(pair, sampler, job, options, adversarial, optimiser_state)
         optimiser_after = stats.pop("optimiser")
         if state_path is not None:
             save_state_atomic(
@@ -191,19 +128,14 @@ class GanTask(LocalTask):
                     "optimiser": optimiser_after,
                 },
             )
-        metrics = {"num-examples": sum(p.hr.shape[2] for p in site.train), **stats}
-        weights = {k: v.detach().cpu() for k, v in federated_state(pair, gan.discriminator).items()}
-        return TrainResult(weights, metrics)
-
-    def evaluate(self, model: nn.Module, site: PreparedSite, job: RoundJob) -> dict[str, float]:
-        return evaluate_pairs(model, site.val, scale=site.scale, device=job.device, max_slices=job.eval_max_slices)
+        return stats
 
 
 def _train_pair(
     pair: GANPair,
-    sampler: PatchSampler,
+    sampler: BatchSource,
     job: RoundJob,
-    gan: GanSettings,
+    gan: GanOptions,
     adversarial: bool,
     optimiser_state: dict | None,
 ) -> dict:
@@ -212,7 +144,7 @@ def _train_pair(
     Returns the metrics (tail means over the last quarter of steps) and, under ``"optimiser"``, the
     discriminator optimiser's state (None when the discriminator was not trained).
     """
-    device = job.device
+    device = job.torch_device
     terms = parse_loss(job.loss)
     pixel_loss = build_loss(terms).to(device)
     structural_name = structural_term(terms, job.patch_size)
@@ -279,11 +211,10 @@ def _train_pair(
     }
 
 
-def _restore_discriminator(pair: GANPair, site: PreparedSite) -> dict | None:
-    """Load the site's saved discriminator into ``pair``; returns the saved record, or None (fresh init kept)
-    when there is no usable file (none yet, another architecture, unreadable: logged, then ignored)."""
+def _restore_discriminator(pair: GANPair, site: PreparedSite, path: Path) -> dict | None:
+    """Load the site's saved discriminator at ``path`` into ``pair``; returns the saved record, or None (fresh init
+    kept) when there is no usable file (none yet, another architecture, unreadable: logged, then ignored)."""
     try:
-        path = discriminator_state_path(site_state_dir({}, site.directory), pair)
         saved = load_state(path)
     except StateError as err:
         log.warning("site %s: no local discriminator restored: %s", site.name, err)

@@ -1,17 +1,23 @@
-"""Supervised SR from paired data: the site's HR scans and the LR its own scanner model makes of them."""
+"""Supervised SR from paired data, the local task every family uses or extends.
+
+A round at a site: load the coordinator's weights, draw patches from the site's training pairs with a seed fixed
+per (run seed, site, round), train, and send back the weights that travel (the family's ``shared_state``) with
+``num-examples`` and the training statistics. Families change one step by overriding it: :meth:`pairing` (how
+scans become pairs, are sampled and scored), :meth:`load_global`, :meth:`fit` (the optimisation itself).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import RecordDict
 from torch import nn
 
 from client.evaluation import evaluate_pairs
-from client.pairs import PreparedSite, prepare_site, site_seed
-from client.tasks import register_task
+from client.paired import paired_for
+from client.pairs import Pairing, PreparedSite, prepare_site, site_seed
 from client.tasks.base import LocalTask, RoundJob, TrainResult
-from client.training import PatchSampler, train_supervised
+from client.training import train_supervised
+from shared_models.registry import family_of
 
 
 def round_seed(site: PreparedSite, job: RoundJob) -> int:
@@ -19,35 +25,40 @@ def round_seed(site: PreparedSite, job: RoundJob) -> int:
     return site_seed(site.name, job.seed * 100_003 + job.server_round)
 
 
-def spatial_dims(job: RoundJob) -> int:
-    """2 or 3: the model's own setting, as the coordinator sent it."""
-    return int(job.model_params.get("spatial_dims", 2))
-
-
-@register_task("*")
 class SupervisedTask(LocalTask):
     """Paired SR: 2D models learn in-plane SR from slices, 3D models learn from isotropically degraded cubes."""
 
-    def prepare(self, site_dir: str, job: RoundJob) -> PreparedSite:
-        return prepare_site(site_dir, job.scale, "isotropic" if spatial_dims(job) == 3 else "in-plane")
+    def pairing(self, job: RoundJob) -> Pairing:
+        """How this task's sites make pairs (paired data, in-plane or isotropic by ``spatial-dims``)."""
+        return paired_for(job.spatial_dims)
 
-    def train(self, model: nn.Module, site: PreparedSite, job: RoundJob, state: RecordDict) -> TrainResult:
-        seed = round_seed(site, job)
-        torch.manual_seed(seed)
-        sampler = PatchSampler(
-            site.train, site.scale, job.patch_size, np.random.default_rng(seed), spatial_dims=spatial_dims(job)
-        )
+    def prepare(self, site_dir: str, job: RoundJob) -> PreparedSite:
+        return prepare_site(site_dir, job.scale, self.pairing(job))
+
+    def load_global(self, model: nn.Module, weights: dict[str, torch.Tensor], site: PreparedSite, job: RoundJob) -> None:
+        """Put the coordinator's weights into the freshly built model (every key, strictly)."""
+        model.load_state_dict(weights)
+
+    def fit(self, model: nn.Module, site: PreparedSite, job: RoundJob, rng: np.random.Generator) -> dict[str, float]:
+        """Train ``model`` in place on the site's training pairs; returns ``train-*`` metrics."""
+        sampler = site.pairing.sampler(site.train, site.scale, job.patch_size, rng)
         stats = train_supervised(
             model, sampler, steps=job.local_steps, batch_size=job.batch_size,
-            learning_rate=job.learning_rate, loss=job.loss, device=job.device,
+            learning_rate=job.learning_rate, loss=job.loss, device=job.torch_device,
         )
-        metrics = {
-            "num-examples": sum(p.hr.shape[2] for p in site.train),
-            "train-loss": stats.loss,
-            "train-patches": stats.patches,
-            "train-seconds": stats.seconds,
-        }
-        return TrainResult({k: v.detach().cpu() for k, v in model.state_dict().items()}, metrics)
+        return {"train-loss": stats.loss, "train-patches": stats.patches, "train-seconds": stats.seconds}
 
-    def evaluate(self, model: nn.Module, site: PreparedSite, job: RoundJob) -> dict[str, float]:
-        return evaluate_pairs(model, site.val, scale=site.scale, device=job.device, max_slices=job.eval_max_slices)
+    def train(self, model: nn.Module, weights: dict[str, torch.Tensor], site: PreparedSite, job: RoundJob) -> TrainResult:
+        self.load_global(model, weights, site, job)
+        seed = round_seed(site, job)
+        torch.manual_seed(seed)
+        stats = self.fit(model, site, job, np.random.default_rng(seed))
+        shared = family_of(model).shared_state(model, job.options)
+        metrics = {"num-examples": site.pairing.num_examples(site.train), **stats}
+        return TrainResult({k: v.detach().cpu() for k, v in shared.items()}, metrics)
+
+    def evaluate(
+        self, model: nn.Module, weights: dict[str, torch.Tensor], site: PreparedSite, job: RoundJob
+    ) -> dict[str, float]:
+        self.load_global(model, weights, site, job)
+        return evaluate_pairs(model, site.val, site.pairing, device=job.torch_device, max_slices=job.eval_max_slices)

@@ -1,0 +1,198 @@
+"""Run settings, declared once as dataclass fields; every other form of them is derived from these declarations.
+
+A setting is a field made with :func:`setting` (default, help, allowed values, an optional command-line flag). From
+the declarations come:
+
+- the defaults of pyproject's ``[tool.flwr.app.config]`` (a test checks that the table equals
+  ``RunSettings().to_config()``), i.e. the keys ``flwr run --run-config "k=v"`` accepts;
+- the options of ``fedsr simulate`` (fields with a ``flag``; every key through ``--run-config``);
+- the round config the coordinator sends: the fields of :class:`SiteSettings` (and the chosen family's options)
+  travel to the sites, the fields ``server.settings.RunSettings`` adds stay with the coordinator;
+- the site's typed view of a round, ``client.tasks.RoundJob``, parsed from that round config.
+
+Keys are kebab-case in configs (``local-steps``) and snake_case in Python (``local_steps``). A model family declares
+its own options as a :class:`FamilyOptions` dataclass; they live under the family's name (``family.option``,
+a nested TOML table that Flower flattens with a dot) and are checked where they are declared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from shared_models.registry import DEFAULT_MODEL
+
+PlainValue = bool | int | float | str
+S = TypeVar("S", bound="Settings")
+
+
+def setting(
+    default: PlainValue,
+    help: str,
+    *,
+    flag: str | None = None,
+    choices: tuple[PlainValue, ...] | None = None,
+    minimum: float | None = None,
+    positive: bool = False,
+) -> Any:
+    """Declare one run setting (a dataclass field).
+
+    Args:
+        default: the value that works when nobody sets it (bool, int, float or str).
+        help: one line for ``--help`` and the docs; state units (pixels, seconds, mm).
+        flag: the ``fedsr simulate`` option (e.g. ``"--rounds"``); None = reachable through ``--run-config`` only.
+        choices: the allowed values, if the setting is an enumeration.
+        minimum: smallest allowed value (numbers).
+        positive: the value must be > 0 (numbers).
+    """
+    meta = {"help": help, "flag": flag, "choices": choices, "minimum": minimum, "positive": positive}
+    return field(default=default, metadata={"setting": meta})
+
+
+@dataclass(frozen=True)
+class Declared:
+    """One declared setting as the derived forms need it. ``key``: kebab-case; ``name``: the field name."""
+
+    key: str
+    name: str
+    kind: type
+    default: PlainValue
+    help: str
+    flag: str | None
+    choices: tuple[PlainValue, ...] | None
+    minimum: float | None
+    positive: bool
+
+
+class Settings:
+    """Base of every settings dataclass: declaration listing, parsing from a config, checks, export."""
+
+    #: Prefix of every key in configs (a family's name plus a dot for :class:`FamilyOptions`; empty otherwise).
+    namespace: ClassVar[str] = ""
+
+    @classmethod
+    @functools.cache
+    def declared(cls) -> tuple[Declared, ...]:
+        """The settings of this class in declaration order (fields made with :func:`setting` only)."""
+        hints = typing.get_type_hints(cls)
+        out = []
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            meta = f.metadata.get("setting")
+            if meta is None:
+                continue
+            key = cls.namespace + f.name.replace("_", "-")
+            out.append(Declared(key, f.name, hints[f.name], f.default, **meta))
+        return tuple(out)
+
+    @classmethod
+    def parse(cls: type[S], config: Mapping[str, Any], **extra: Any) -> S:
+        """Build from a config mapping (keys with this class's namespace); missing keys take their defaults.
+
+        ``extra`` sets fields that are not settings (e.g. the round number of a site's job). Keys of ``config``
+        that this class does not declare are ignored here; :func:`unknown_keys` finds them.
+
+        Raises:
+            ValueError: a value of the wrong type or outside its allowed values; the message names the key.
+        """
+        values = {d.name: coerce(d.key, config[d.key], d.kind) for d in cls.declared() if d.key in config}
+        return cls(**values, **extra)
+
+    def to_config(self) -> dict[str, PlainValue]:
+        """``{key: value}`` of every declared setting (kebab-case keys with the namespace)."""
+        return {d.key: getattr(self, d.name) for d in self.declared()}
+
+    def __post_init__(self) -> None:
+        problems = [p for d in self.declared() if (p := _violation(d, getattr(self, d.name)))]
+        problems += self.problems()
+        if problems:
+            scope = f"{self.namespace.rstrip('.')} options" if self.namespace else "run settings"
+            raise ValueError(f"invalid {scope}: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Checks across settings (override); each problem names the keys involved."""
+        return []
+
+    def replace(self: S, **changes: Any) -> S:
+        """A copy with some fields changed (checked again)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def _violation(declared: Declared, value: Any) -> str | None:
+    if declared.choices is not None and value not in declared.choices:
+        return f"{declared.key} must be one of {', '.join(map(str, declared.choices))}, got {value!r}"
+    if declared.minimum is not None and value < declared.minimum:
+        return f"{declared.key} must be >= {declared.minimum}, got {value!r}"
+    if declared.positive and not value > 0:
+        return f"{declared.key} must be > 0, got {value!r}"
+    return None
+
+
+class FamilyOptions(Settings):
+    """A model family's own options: subclass as a frozen dataclass of :func:`setting` fields and set
+    ``namespace = "<family>."``. They travel to the sites with the round config when the family is used."""
+
+
+def coerce(key: str, value: Any, kind: type) -> PlainValue:
+    """A config value (TOML: int, float, str, bool) as the setting's type, with an error that names the key."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"run-config key {key!r} must be true or false, got {value!r}")
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"run-config key {key!r} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def unknown_keys(config: Mapping[str, Any], *classes: type[Settings]) -> list[str]:
+    """Keys of ``config`` that none of ``classes`` declares, sorted."""
+    known = {d.key for cls in classes for d in cls.declared()}
+    return sorted(set(config) - known)
+
+
+@dataclass(frozen=True)
+class SiteSettings(Settings):
+    """The settings that travel to every site with each round: what to build and how to train and score it.
+
+    Sizes are in pixels, rates per optimiser step. ``patch_size`` is the side of a high-resolution training patch;
+    the low-resolution patch is ``patch_size // scale``.
+    """
+
+    model: str = setting(DEFAULT_MODEL, "Model family (`fedsr models` lists them).", flag="--model")
+    model_preset: str = setting("tiny", "Model size preset of the family (tiny, small, base).", flag="--preset")
+    spatial_dims: int = setting(2, "2: slice by slice; 3: whole volumes in tiles.", flag="--spatial-dims",
+                                choices=(2, 3))
+    scale: int = setting(2, "Super-resolution factor.", flag="--scale", choices=(2, 4))
+    local_steps: int = setting(40, "Optimiser steps per site per round.", flag="--local-steps", minimum=1)
+    batch_size: int = setting(16, "Patches per optimiser step.", flag="--batch-size", minimum=1)
+    patch_size: int = setting(48, "High-resolution patch side in pixels (a multiple of the scale).",
+                              flag="--patch-size")
+    learning_rate: float = setting(0.001, "Adam learning rate.", flag="--learning-rate", positive=True)
+    loss: str = setting("l1", "Weighted loss terms: l1, mse, charbonnier, ssim, hfen, fft, e.g. 'l1:1,ssim:0.2'.",
+                        flag="--loss")
+    device: str = setting("auto", "auto (CUDA when present), cpu, cuda or cuda:N (a site's own node config wins).",
+                          flag="--device")
+    seed: int = setting(0, "Seed of phantoms, initial weights, patch sampling and LR noise.", flag="--seed")
+    eval_max_slices: int = setting(48, "At most this many slices with anatomy are scored per validation scan.",
+                                   minimum=1)
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.patch_size % self.scale or self.patch_size // self.scale < 8:
+            problems.append(
+                f"patch-size {self.patch_size} must be a multiple of scale {self.scale} and >= 8*scale"
+            )
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        return problems
+
+    def site_settings(self) -> SiteSettings:
+        """Just the settings that travel to the sites (a subclass's own fields dropped)."""
+        return SiteSettings.parse(self.to_config())
