@@ -7,8 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from client.data.errors import ScanError
-
-MODALITIES = ("MR", "CT")
+from shared_models.image import MODALITIES
 MIN_INPLANE = 16  # voxels: smaller scans cannot feed the SR model's patches
 
 
