@@ -1,137 +1,247 @@
-"""The ``fedsr`` command: simulate a federation, make phantom sites, check site folders."""
+"""The simulator's commands: ``fedsr simulate`` and ``fedsr sites make-phantoms``.
+
+The ``fedsr`` root (``shared_models.cli``) names them and imports this module only when one of them runs, so a
+hospital's commands never load the simulator. ``fedsr simulate`` needs Flower's simulation engine (Ray):
+``pip install "fedsr[simulation]"``.
+
+The options of ``fedsr simulate`` are derived from the run settings' declarations (``server.settings.RunSettings``):
+one option per setting that declares a ``flag``, with its help, default, type and allowed values, plus
+``--run-config "k=v ..."``, which takes any run-config key exactly as ``flwr run --run-config`` does. Explicit flags
+override the same keys in ``--run-config``; both override the declared defaults.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
+from typing import Any, NoReturn, Optional
 
+import click
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from client.training import parse_loss
-from server.app import model_from_settings
-from shared_models.losses import build_loss
-from server.run_log import atomic_write_text, toml_dumps
+from client.data.files import site_folders
+from client.sites_report import check_site_folder, print_site_report
+from server.run_log import atomic_write_text
 from server.settings import RunSettings
+from shared_models.losses import loss_from_spec
+from shared_models.registry import family_options_types
+from shared_models.settings import Declared, SiteSettings
 from simulation.progress import MetricsFollower, follower_rows, round_line, round_table, summary_table
-from simulation.runner import site_folders
-from simulation.sites_report import check_site_folder, print_site_report
 
-app = typer.Typer(
-    help="fedsr: federated super-resolution for medical images.", no_args_is_help=True,
-    pretty_exceptions_show_locals=False,  # locals can hold scan data and paths: never print them
-)
-sites_app = typer.Typer(help="Site folders: make phantom sites, check real ones.", no_args_is_help=True)
-app.add_typer(sites_app, name="sites")
 console = Console()
-DEFAULTS = RunSettings()
+#: Every run-config key's declaration: the run settings, then each model family's options (``family.option``).
+DECLARED: tuple[Declared, ...] = (
+    *RunSettings.declared(), *(d for kind in family_options_types().values() for d in kind.declared())
+)
+#: The settings that have a ``fedsr simulate`` flag, in declaration order.
+FLAGS: tuple[Declared, ...] = tuple(d for d in DECLARED if d.flag)
+#: Phantom scans per site when ``fedsr simulate`` writes phantom sites.
+PHANTOM_SUBJECTS = 6
+SIMULATION_EXTRA = 'pip install "fedsr[simulation]"'
+#: Flower's key=value pattern (flwr.common.config.parse_config_args): text it does not match is ignored there.
+_PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
+
+# One command each; the root names them. Locals can hold scan data and paths: tracebacks never show them.
+simulate_app = typer.Typer(pretty_exceptions_show_locals=False, add_completion=False)
+make_phantoms_app = typer.Typer(pretty_exceptions_show_locals=False, add_completion=False)
 
 
-@sites_app.command("make-phantoms")
+# ------------------------------------------------------------------------------------------------ make-phantoms
+@make_phantoms_app.command("make-phantoms")
 def make_phantoms(
     directory: Path = typer.Argument(..., help="Folder to write one sub-folder per site into."),
     sites: int = typer.Option(3, "--sites", min=1, help="Number of phantom sites (hospitals)."),
-    subjects: int = typer.Option(6, "--subjects", min=2, help="Phantom scans per site."),
+    subjects: int = typer.Option(PHANTOM_SUBJECTS, "--subjects", min=2, help="Phantom scans per site."),
     seed: int = typer.Option(0, "--seed", help="Generation seed (same seed, same phantoms)."),
 ) -> None:
     """Write procedural phantom sites (NIfTI + site.toml), each with its own scanner profile."""
+    _write_phantoms(directory, sites, subjects, seed)
+
+
+def _write_phantoms(directory: Path, sites: int, subjects: int, seed: int) -> list[Path]:
     from simulation.phantoms import write_phantom_sites
 
     start = time.perf_counter()
     written = write_phantom_sites(directory, n_sites=sites, subjects_per_site=subjects, seed=seed)
     for folder in written:
-        console.print(f"  {folder}")
+        console.print(f"  {folder}", markup=False, highlight=False)
     console.print(f"wrote {len(written)} sites in {time.perf_counter() - start:.1f} s")
+    return written
 
 
-@sites_app.command("check")
-def check(directory: Path = typer.Argument(..., help="A site folder (scans + optional site.toml).")) -> None:
-    """List what a site folder holds and every file it cannot use, with the reason."""
-    usable = print_site_report(console, check_site_folder(directory))
-    raise typer.Exit(0 if usable else 1)
+# ------------------------------------------------------------------------------------------ simulate: settings
+def parse_run_config(text: str | None) -> dict[str, Any]:
+    """``--run-config`` as ``flwr run`` reads it (Flower's own parser): ``"k=v k2=v2"`` with TOML values (strings
+    quoted: ``loss='l1'``), dotted keys for a family's options (``family.option=value``), or the path of a
+    ``.toml`` file. Returns the flat ``{key: value}``.
+
+    Raises:
+        ValueError: text that is not ``key=value`` pairs, or a value that is not TOML.
+    """
+    from flwr.common.config import parse_config_args
+
+    if not text or not text.strip():
+        return {}
+    if not text.strip().endswith(".toml"):
+        leftover = _PAIR.sub("", text).strip()
+        if leftover:
+            raise ValueError(f"--run-config: cannot read {leftover!r}; give space-separated key=value pairs")
+    try:
+        return dict(parse_config_args([text.strip()]))
+    except click.ClickException as error:
+        raise ValueError(f"--run-config: {error.message} Strings are quoted: loss='l1'.") from None
 
 
-@app.command()
-def models() -> None:
-    """List the model families, their presets, the dimensions they support and their parameter counts."""
-    from shared_models.catalog import model_catalog
+def settings_from_command_line(
+    flags: Mapping[str, Any], run_config: str | None = None, *, now: datetime | None = None
+) -> RunSettings:
+    """The run's settings: declared defaults, then ``--run-config``, then the flags the user gave (``flags``:
+    :func:`parameter_name` -> value; a None value counts as not given). ``run-dir`` defaults to
+    ``runs/<timestamp>``; it and ``sites-dir`` become absolute.
 
-    table = Table(title="fedsr models (parameters for 1 channel, scale 2)")
-    for column in ("family", "preset", "spatial dims", "parameters"):
-        table.add_column(column, justify="right" if column == "parameters" else "left")
-    for row in model_catalog():
-        table.add_row(row["family"], row["preset"], ", ".join(map(str, row["spatial_dims"])), f"{row['params_2d_x2']:,}")
-    console.print(table)
+    Every value is checked here (types, allowed values, the model and the loss), before anything is written.
+
+    Raises:
+        ValueError: an unknown key or a bad value; the message names the key.
+    """
+    config = parse_run_config(run_config)
+    config.update({d.key: flags[parameter_name(d)] for d in FLAGS if flags.get(parameter_name(d)) is not None})
+    settings = RunSettings.from_run_config(config)
+    loss_from_spec(settings.loss)  # an unknown loss term or a bad weight fails here, not at the sites
+    run_dir = settings.run_dir or str(Path("runs") / (now or datetime.now()).strftime("%Y%m%d-%H%M%S"))
+    sites_dir = settings.sites_dir and str(Path(settings.sites_dir).expanduser().resolve())
+    return settings.replace(run_dir=str(Path(run_dir).expanduser().resolve()), sites_dir=sites_dir)
 
 
-@app.command()
-def simulate(
-    sites_dir: Path | None = typer.Option(
-        None, "--sites-dir", help="Folder with one sub-folder per site. Default: phantom sites in RUN_DIR/sites."
-    ),
-    sites: int = typer.Option(DEFAULTS.num_sites, "--sites", min=1, help="Phantom sites to generate (no --sites-dir)."),
-    model: str = typer.Option(DEFAULTS.model, "--model", help="Model family: srcnn, edsr, gan, swinir, smore (fedsr models)."),
-    preset: str = typer.Option(DEFAULTS.model_preset, "--preset", help="Model size preset: tiny, small, base."),
-    spatial_dims: int = typer.Option(DEFAULTS.spatial_dims, "--spatial-dims", help="2 (slice by slice) or 3 (volumes)."),
-    gan_discriminator: str = typer.Option(
-        DEFAULTS.gan_discriminator, "--gan-discriminator", help="GAN only: federated, or local (never leaves the site)."
-    ),
-    scale: int = typer.Option(DEFAULTS.scale, "--scale", help="Super-resolution factor: 2 or 4."),
-    rounds: int = typer.Option(DEFAULTS.num_rounds, "--rounds", min=1, help="Federated rounds."),
-    local_steps: int = typer.Option(DEFAULTS.local_steps, "--local-steps", min=1, help="Optimiser steps per site per round."),
-    batch_size: int = typer.Option(DEFAULTS.batch_size, "--batch-size", min=1, help="Patches per step."),
-    patch_size: int = typer.Option(DEFAULTS.patch_size, "--patch-size", help="HR patch side in pixels."),
-    learning_rate: float = typer.Option(DEFAULTS.learning_rate, "--learning-rate", help="Adam learning rate."),
-    loss: str = typer.Option(
-        DEFAULTS.loss, "--loss", help="Weighted terms: l1, mse, charbonnier, ssim, hfen, fft, e.g. 'l1:1,ssim:0.2'."
-    ),
-    min_sites: int = typer.Option(DEFAULTS.min_sites, "--min-sites", min=1, help="Sites that must reply each round."),
-    run_dir: Path | None = typer.Option(None, "--run-dir", help="Output folder. Default: runs/<timestamp>."),
-    device: str = typer.Option(DEFAULTS.device, "--device", help="auto (CUDA when present), cpu, cuda or cuda:N."),
-    seed: int = typer.Option(DEFAULTS.seed, "--seed", help="Seed for phantoms, sampling and initial weights."),
-) -> None:
-    """Run a whole federation on this machine with Flower's simulation engine."""
-    run_dir = run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+def parameter_name(declared: Declared) -> str:
+    """The Python name of a setting's option: ``num-rounds`` -> ``num_rounds``, ``family.some-option`` ->
+    ``family_some_option``."""
+    return declared.key.replace(".", "_").replace("-", "_")
+
+
+_SITE_KEYS = {d.key for d in SiteSettings.declared()}
+
+
+def _option(declared: Declared) -> Any:
+    """The ``typer.Option`` of one declared setting: its flag, help, default, type and allowed values."""
+    names = [declared.flag]
+    if declared.kind is bool:
+        names = [f"{declared.flag}/--no-{declared.flag.removeprefix('--')}"]
+    click_type: click.ParamType | None = None
+    if declared.choices is not None:
+        click_type = click.Choice(declared.choices)
+    elif declared.kind in (int, float) and (declared.minimum is not None or declared.positive):
+        kind_range = click.IntRange if declared.kind is int else click.FloatRange
+        click_type = kind_range(min=0 if declared.positive else declared.minimum, min_open=declared.positive)
+    family, dot, _ = declared.key.partition(".")
+    panel = f"Options of the {family} family" if dot else "Sent to every site" if declared.key in _SITE_KEYS else "Run"
+    return typer.Option(
+        declared.default, *names, help=escape(declared.help), show_default=declared.default != "",
+        click_type=click_type, rich_help_panel=panel,
+    )
+
+
+def _toml(value: Any) -> str:
+    """A default as it is written in ``--run-config`` (TOML): true, 3, 0.5, 'text'."""
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def _run_config_help() -> str:
+    without_flag = ", ".join(d.key for d in DECLARED if not d.flag)
+    return (
+        "Any run-config key, as `flwr run --run-config` takes it: \"k=v k2=v2\" with TOML values (strings quoted: "
+        "loss='l1:1,ssim:0.2' family.option=value), or a .toml file. Flags given explicitly override the same key here. "
+        f"Keys without a flag (listed below): {without_flag}."
+    )
+
+
+def _run_config_epilog() -> str:
+    lines = ["Run-config keys without a flag (set them with --run-config):"]
+    lines += [f"{d.key} = {_toml(d.default)}: {escape(d.help)}" for d in DECLARED if not d.flag]
+    return "\n\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------- simulate
+def simulate(ctx: typer.Context, **values: Any) -> None:
+    """Run a whole federation on this machine with Flower's simulation engine.
+
+    Sites: the sub-folders of --sites-dir, or --sites phantom sites written to RUN_DIR/sites.
+    Needs the simulation extra: pip install "fedsr\\[simulation]".
+    """
     start = time.perf_counter()
-    try:  # every flag is checked before anything is written or started
-        settings = RunSettings(
-            num_rounds=rounds, num_sites=sites, min_sites=min_sites, local_steps=local_steps,
-            batch_size=batch_size, patch_size=patch_size, learning_rate=learning_rate, loss=loss, model=model,
-            model_preset=preset, spatial_dims=spatial_dims, gan_discriminator=gan_discriminator, scale=scale,
-            device=device, seed=seed, run_dir=str(run_dir.resolve()),
-        )
-        model_from_settings(settings)  # an unknown family or a 3D request for a 2D-only family fails here
-        build_loss(parse_loss(settings.loss))  # so does an unknown loss term
-        if sites_dir is None:
-            sites_dir = run_dir / "sites"
-            if not sites_dir.exists():
-                make_phantoms(sites_dir, sites=sites, subjects=6, seed=seed)
+    if importlib.util.find_spec("ray") is None:
+        _fail(f"fedsr simulate needs Flower's simulation engine (Ray), which is not installed: {SIMULATION_EXTRA}", 1)
+    run_config = values.pop("run_config", None)
+    given = {name: value for name, value in values.items() if _given(ctx, name)}
+    try:  # every value is checked before anything is written or started
+        settings = settings_from_command_line(given, run_config)
+        run_dir = Path(settings.run_dir)
+        sites_dir = Path(settings.sites_dir) if settings.sites_dir else run_dir / "sites"
+        if not settings.sites_dir and not sites_dir.exists():
+            _write_phantoms(sites_dir, settings.num_sites, PHANTOM_SUBJECTS, settings.seed)
         folders = site_folders(sites_dir)
-        settings = settings.replace(num_sites=len(folders), sites_dir=str(Path(sites_dir).resolve()))
+        if settings.sites_dir and given.get("num_sites") not in (None, len(folders)):
+            console.print(f"[yellow]note:[/] --sites {given['num_sites']} ignored: {escape(str(sites_dir))} holds "
+                          f"{len(folders)} sites", highlight=False)
+        settings = settings.replace(num_sites=len(folders), sites_dir=str(sites_dir.resolve()))
     except (ValueError, FileNotFoundError) as error:
-        console.print(f"[red]error:[/] {error}")
-        raise typer.Exit(2) from None
+        _fail(str(error), 2)
     for folder in folders:
         print_site_report(console, check_site_folder(Path(folder)), brief=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.toml", toml_dumps(settings.to_run_config()))
     code = _follow(run_dir, settings)
     summary_path = run_dir / "summary.json"
     if code == 0 and summary_path.exists():
         summary = json.loads(summary_path.read_text())
         summary["end_to_end_seconds"] = round(time.perf_counter() - start, 3)
         atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
-        console.print(round_table(follower_rows(run_dir)))
-        console.print(summary_table(summary))
-        console.print(f"run folder: {run_dir}  ({summary['end_to_end_seconds']:.0f} s)")
+        follower = follower_rows(run_dir)
+        console.print(round_table(follower, width=console.width))
+        console.print(summary_table(summary, follower.baselines()))
+        console.print(f"run folder: {run_dir}  ({summary['end_to_end_seconds']:.0f} s)", markup=False, highlight=False)
+    raise typer.Exit(code)
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    """Whether the user set option ``name`` (on the command line or through its environment variable)."""
+    return ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
+
+
+def _declared_signature() -> inspect.Signature:
+    """``simulate``'s parameters: one option per declared flag, then ``--run-config`` (typer reads these)."""
+    params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
+    params += [
+        inspect.Parameter(parameter_name(d), inspect.Parameter.KEYWORD_ONLY, default=_option(d), annotation=d.kind)
+        for d in FLAGS
+    ]
+    params.append(inspect.Parameter(
+        "run_config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+        default=typer.Option(None, "--run-config", help=_run_config_help(), metavar="'K=V K2=V2' | FILE.toml",
+                             rich_help_panel="Run"),
+    ))
+    return inspect.Signature(params)
+
+
+simulate.__signature__ = _declared_signature()  # type: ignore[attr-defined]
+simulate.__annotations__ = {p.name: p.annotation for p in simulate.__signature__.parameters.values()}
+simulate_app.command("simulate", epilog=_run_config_epilog())(simulate)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    console.print(f"[red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -144,7 +254,7 @@ def _follow(run_dir: Path, settings: RunSettings) -> int:
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0")
     with log_path.open("w") as log_file:
         child = subprocess.Popen(
-            [sys.executable, "-m", "simulation.runner", str(run_dir)],
+            [sys.executable, "-m", "simulation.runner", json.dumps(settings.to_config())],
             stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -163,20 +273,21 @@ def _follow(run_dir: Path, settings: RunSettings) -> int:
         except KeyboardInterrupt:
             _stop(child)
             last = run_dir / "checkpoint.pt"
-            console.print(f"[yellow]stopped.[/] last checkpoint: {last if last.exists() else 'none yet'}")
+            console.print(f"[yellow]stopped.[/] last checkpoint: {escape(str(last)) if last.exists() else 'none yet'}",
+                          highlight=False)
             return 130
     if child.returncode != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-25:]
-        console.print("[red]the federation failed[/]; end of " + str(log_path) + ":")
+        console.print(f"[red]the federation failed[/]; end of {escape(str(log_path))}:", highlight=False)
         console.print("\n".join(tail), markup=False, highlight=False)
     return child.returncode
 
 
 def _print_finished_rounds(out: Console, follower: MetricsFollower, settings: RunSettings, shown: int) -> int:
-    """Print one line per newly finished round: mean train loss and each site's PSNR (gain over bicubic)."""
+    """Print one line per newly finished round: mean train loss and each site's PSNR (gain over its baseline)."""
     finished = [r for r in sorted(follower.rounds) if follower.finished_round(r, settings.required_sites)]
     for server_round in finished[shown:]:
-        out.print(round_line(server_round, follower.rounds[server_round]), highlight=False)
+        out.print(round_line(server_round, follower.rounds[server_round]), markup=False, highlight=False)
     return max(shown, len(finished))
 
 
@@ -193,10 +304,7 @@ def _stop(child: subprocess.Popen) -> None:
             return
 
 
-def main() -> None:
-    """Console entry point."""
-    app()
+if __name__ == "__main__":  # ``python -m simulation.cli ...`` is the whole ``fedsr`` command
+    from shared_models.cli import main
 
-
-if __name__ == "__main__":
     main()

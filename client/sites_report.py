@@ -1,4 +1,5 @@
-"""``fedsr sites check``: what a site folder holds, and every file it cannot use with the reason."""
+"""``fedsr sites check`` (a hospital's command, ``client.cli``): what a site folder holds, and every file it cannot
+use with the reason. The simulator prints the brief form for each of its sites."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from client.data.errors import SiteError, Skipped
@@ -34,30 +36,41 @@ def check_site_folder(directory: Path) -> SiteReport:
 def print_site_report(console: Console, report: SiteReport, brief: bool = False) -> bool:
     """Print the report (``brief``: one line plus the skipped files). Returns whether the site is usable."""
     if report.site is None:
-        console.print(f"[red]site {report.directory}: unusable[/]: {report.error}")
+        console.print(f"[red]unusable site[/]: {escape(str(report.error))}", highlight=False)
         return False
     site, config = report.site, report.site.config
     counts = {name: len(site.split(name)) for name in ("train", "val", "test")}
     head = (
-        f"site [bold]{config.name}[/] ({report.directory}): {config.modality}"
-        f"{', ' + config.scanner if config.scanner else ''}; "
+        f"site [bold]{escape(config.name)}[/] ({escape(str(report.directory))}): {config.modality}"
+        f"{', ' + escape(config.scanner) if config.scanner else ''}; "
         + ", ".join(f"{n} {name}" for name, n in counts.items())
         + f"; {len(report.skipped)} skipped"
     )
     console.print(head)
     if not brief:
-        table = Table(title=f"scans of {config.name}")
+        table = Table(title=f"scans of {escape(config.name)}")
         for column in ("subject", "split", "shape (X, Y, Z)", "spacing mm", "modality", "source"):
-            table.add_column(column)
+            # long subjects, paths and series UIDs wrap, never cut; the short columns stay whole
+            wraps = column in ("subject", "source")
+            table.add_column(column, overflow="fold" if wraps else "ellipsis", no_wrap=not wraps)
         for scan in site.scans:
             volume = scan.volume
             table.add_row(
-                volume.subject, scan.split, " x ".join(map(str, volume.array.shape)),
-                " x ".join(f"{s:.3g}" for s in volume.spacing), volume.modality, volume.source,
+                escape(volume.subject), scan.split, " x ".join(map(str, volume.array.shape)),
+                " x ".join(f"{s:.3g}" for s in volume.spacing), volume.modality,
+                escape(_relative(volume.source, report.directory)),
             )
         console.print(table)
         acquisition = config.acquisition or {"profile": "(modality default)"}
-        console.print(f"acquisition profile: {acquisition}; split seed {config.split_seed}")
+        console.print(f"acquisition profile: {escape(str(acquisition))}; split seed {config.split_seed}")
     for item in report.skipped:
-        console.print(f"  [yellow]skipped[/] {item.path}: {item.reason}", highlight=False)
+        console.print(f"  [yellow]skipped[/] {escape(item.path)}: {escape(item.reason)}", highlight=False)
     return True
+
+
+def _relative(source: str, directory: Path) -> str:
+    """A scan's source (a file, or ``folder#SeriesInstanceUID``) relative to its site folder where it lies inside."""
+    try:
+        return str(Path(source).relative_to(Path(directory)))
+    except ValueError:
+        return source
