@@ -1,9 +1,9 @@
 """Every model family after the default budget: ``fedsr simulate --model F`` on the default phantom sites.
 
-Prints, per family, the end-to-end wall time and each site's PSNR gain over bicubic (for ``smore``: over cubic
-interpolation through-plane, since SMORE restores slice thickness).
+Prints, per family, the end-to-end wall time and each site's PSNR gain over its interpolation baseline (bicubic;
+for ``smore``: 1D cubic through-plane, since SMORE restores slice thickness).
 
-    python -m benchmarks.families [--families srcnn,edsr,gan,swinir,smore] [extra fedsr simulate flags ...]
+    python benchmarks/families.py [--families srcnn,edsr,gan,swinir,smore] [extra fedsr simulate flags ...]
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_common import fedsr_command
 
 FAMILIES = ("srcnn", "edsr", "gan", "swinir", "smore")
 
@@ -24,14 +25,14 @@ def run_family(family: str, root: Path, extra: list[str]) -> dict:
     run_dir = root / family
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "simulation.cli", "simulate", "--model", family, "--run-dir", str(run_dir),
+        [*fedsr_command(), "simulate", "--model", family, "--run-dir", str(run_dir),
          "--sites-dir", str(root / "sites"), *extra],
         capture_output=True, text=True,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{family} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
-    gains = {site: m["psnr"] - m["bicubic_psnr"] for site, m in summary["sites"].items()}
+    gains = {site: m["psnr"] - m["baseline-psnr"] for site, m in summary["sites"].items()}
     return {"seconds": time.perf_counter() - start, "gains": gains}
 
 
@@ -40,9 +41,9 @@ def main() -> int:
     parser.add_argument("--families", default=",".join(FAMILIES))
     args, extra = parser.parse_known_args()
     root = Path(tempfile.mkdtemp(prefix="fedsr-families-"))
-    subprocess.run([sys.executable, "-m", "simulation.cli", "sites", "make-phantoms", str(root / "sites")],
+    subprocess.run([*fedsr_command(), "sites", "make-phantoms", str(root / "sites")],
                    check=True, capture_output=True)
-    print(f"{'family':<8} {'wall s':>7}  gain over bicubic per site (dB)             smallest")
+    print(f"{'family':<8} {'wall s':>7}  gain over the baseline per site (dB)        smallest")
     for family in args.families.split(","):
         result = run_family(family, root, extra)
         gains = "  ".join(f"{site} {gain:+.2f}" for site, gain in sorted(result["gains"].items()))

@@ -3,7 +3,7 @@
 Each configuration runs in a fresh process (so one's peak does not hide another's) and reports the peak RSS
 (``resource.getrusage``) after ``--steps`` optimiser steps, against the same process's RSS before training.
 
-    python -m benchmarks.memory3d [--steps 5] [--batch-size 16]
+    python benchmarks/memory3d.py [--steps 5] [--batch-size 16]
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 
 def measure(family: str, preset: str, batch: int, steps: int) -> dict:
@@ -47,7 +48,7 @@ def main() -> int:
         return 0
     print(f"3D training, HR patches 32^3 (LR 16^3), batch {args.batch_size}, {args.steps} steps, CPU")
     for family, preset in (("edsr", "small"), ("srcnn", "small"), ("edsr", "base")):
-        out = subprocess.run([sys.executable, "-m", "benchmarks.memory3d", "--one", family, preset,
+        out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one", family, preset,
                               "--steps", str(args.steps), "--batch-size", str(args.batch_size)],
                              capture_output=True, text=True, check=True)
         row = json.loads(out.stdout)

@@ -9,7 +9,7 @@ that validation anatomy is never seen in training), each with a different scanne
 
 Then runs ``fedsr simulate --sites-dir`` on them and prints each site's gain over bicubic.
 
-    python -m benchmarks.real_sites [--data ../shared/data] [extra fedsr simulate flags ...]
+    python benchmarks/real_sites.py [--data ../shared/data] [extra fedsr simulate flags ...]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from benchmarks.simulate_default import main as simulate
+from bench_common import simulate_and_report
 
 SLAB = 24  # slices per slab ("subject")
 SITES = {
@@ -57,7 +57,7 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     args, extra = parser.parse_known_args()
     sites = write_real_sites(args.data, Path(tempfile.mkdtemp(prefix="fedsr-real-")) / "sites")
-    return simulate(["--sites-dir", str(sites), *extra])
+    return simulate_and_report(["--sites-dir", str(sites), *extra])
 
 
 if __name__ == "__main__":

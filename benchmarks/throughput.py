@@ -3,9 +3,10 @@
 Inside: one Flower simulation (one SuperNode, one CPU thread as a simulated client gets) runs one training round
 per family; each reply reports the patches it trained on and the seconds its loop took. Plain: in this process,
 on one thread, the same sampler feeds a hand-written loop (forward, L1, backward, Adam step) for the same number
-of steps. GAN's plain baseline is its own local task called directly, without Flower (its loop has two networks).
+of steps. A family whose task has an optimisation loop of its own (the GAN's has two networks) is measured by
+calling its local task directly, without Flower.
 
-    python -m benchmarks.throughput [--steps 40]
+    python benchmarks/throughput.py [--steps 40]
 """
 
 from __future__ import annotations
@@ -22,24 +23,24 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
-from benchmarks.overhead import round_job
+from bench_common import round_job
 from client.app import build_client_app
-from client.selfsup import PlaneSampler
 from client.tasks import task_for
-from client.training import PatchSampler
-from server.app import model_from_settings, run_federation
+from client.tasks.supervised import SupervisedTask
+from server.app import run_federation
 from server.settings import RunSettings
+from shared_models.registry import build_from_settings
 from simulation.phantoms import write_phantom_sites
 
+#: Run-config overrides per measured run (the run's name is its model family unless ``model`` says otherwise).
 RUNS = {
-    "srcnn": {}, "edsr": {}, "edsr-3d": {"model": "edsr", "spatial_dims": 3, "patch_size": 32},
-    "swinir": {}, "gan": {"gan_warmup_rounds": 0}, "smore": {},
+    "srcnn": {}, "edsr": {}, "edsr-3d": {"model": "edsr", "spatial-dims": 3, "patch-size": 32},
+    "swinir": {}, "gan": {"gan.warmup-rounds": 0}, "smore": {},
 }
 
 
 def settings_for(name: str, base: RunSettings) -> RunSettings:
-    overrides = dict(RUNS[name])
-    return base.replace(model=overrides.pop("model", name), **overrides)
+    return RunSettings.from_run_config({**base.to_config(), "model": name, **RUNS[name]})
 
 
 def inside_flower(base: RunSettings, site: Path, root: Path) -> dict[str, float]:
@@ -64,18 +65,14 @@ def inside_flower(base: RunSettings, site: Path, root: Path) -> dict[str, float]
 def plain_loop(name: str, base: RunSettings, site_dir: Path) -> float:
     """patches/s of the same model and data in a hand-written loop on one thread."""
     settings = settings_for(name, base)
-    model = model_from_settings(settings)
+    model = build_from_settings(settings)
     job = round_job(settings, 1)
     task = task_for(settings.model)
     site = task.prepare(str(site_dir), job)
-    if settings.model == "gan":
-        metrics = task.train(model, site, job, None).metrics
+    if type(task).fit is not SupervisedTask.fit:  # a loop of the family's own: time the task itself
+        metrics = task.train(model, model.state_dict(), site, job).metrics
         return metrics["train-patches"] / metrics["train-seconds"]
-    rng = np.random.default_rng(0)
-    if settings.model == "smore":
-        sampler = PlaneSampler(site.train, site.scale, settings.patch_size, rng)
-    else:
-        sampler = PatchSampler(site.train, site.scale, settings.patch_size, rng, spatial_dims=settings.spatial_dims)
+    sampler = site.pairing.sampler(site.train, site.scale, settings.patch_size, np.random.default_rng(0))
     optimiser = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     model.train()
     start = time.perf_counter()

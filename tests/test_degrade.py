@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 
 import numpy as np
 import pytest
@@ -237,12 +236,12 @@ def test_degrade_rejects_bad_volumes() -> None:
 
 
 @pytest.mark.parametrize("name", ["mr-1.5t-kspace", "mr-psf"])
-def test_inplane_degradation_of_a_typical_volume_is_fast(name: str) -> None:
+def test_inplane_degradation_of_a_typical_volume(name: str) -> None:
+    """Shapes and range on a typical volume; its speed is measured by ``benchmarks/speed_checks.py``."""
     hr = np.random.default_rng(0).random((128, 128, 64), dtype=np.float32)
-    degrade_inplane(hr, PRESETS[name], 2, SPACING, np.random.default_rng(0))  # warm-up
-    start = time.perf_counter()
-    degrade_inplane(hr, PRESETS[name], 4, SPACING, np.random.default_rng(0))
-    assert time.perf_counter() - start < 0.5
+    hr_out, lr = degrade_inplane(hr, PRESETS[name], 4, SPACING, np.random.default_rng(0))
+    assert hr_out.shape == (128, 128, 64) and lr.shape == (32, 32, 64) and lr.dtype == np.float32
+    assert 0.0 <= lr.min() and lr.max() <= 1.0
 
 
 # --------------------------------------------------------------------------------------------- config

@@ -1,9 +1,10 @@
-"""Phantom anatomy and phantom sites: determinism, tissue content, fine detail, site-folder format, speed."""
+"""Phantom anatomy and phantom sites: determinism, tissue content, fine detail, site-folder format.
+
+How fast the default sites are written is measured by ``benchmarks/speed_checks.py``."""
 
 from __future__ import annotations
 
 import dataclasses
-import time
 import tomllib
 from pathlib import Path
 
@@ -33,11 +34,8 @@ def phantom() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def sites(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], float]:
-    out = tmp_path_factory.mktemp("phantom-sites")
-    start = time.perf_counter()
-    written = write_phantom_sites(out)
-    return written, time.perf_counter() - start
+def sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return write_phantom_sites(tmp_path_factory.mktemp("phantom-sites"))
 
 
 def test_phantom_is_deterministic_and_seed_dependent(phantom: np.ndarray) -> None:
@@ -82,14 +80,12 @@ def test_looks_differ_in_contrast() -> None:
     assert len({c.tobytes() for c in contrasts}) == 6
 
 
-def test_default_sites_are_written_quickly(sites: tuple[list[Path], float]) -> None:
-    written, seconds = sites
-    assert seconds < 20.0
-    assert [p.name for p in written] == ["site-1-siemens-3t", "site-2-ge-1.5t", "site-3-philips-3t"]
+def test_default_sites_are_named_by_scanner(sites: list[Path]) -> None:
+    assert [p.name for p in sites] == ["site-1-siemens-3t", "site-2-ge-1.5t", "site-3-philips-3t"]
 
 
-def test_site_scans_are_float32_1mm_ras_nifti(sites: tuple[list[Path], float]) -> None:
-    for site in sites[0]:
+def test_site_scans_are_float32_1mm_ras_nifti(sites: list[Path]) -> None:
+    for site in sites:
         scans = sorted(site.glob("*.nii.gz"))
         assert [p.name for p in scans] == [f"sub-{j:03d}.nii.gz" for j in range(1, 7)]
         img = nib.load(scans[0])
@@ -98,13 +94,13 @@ def test_site_scans_are_float32_1mm_ras_nifti(sites: tuple[list[Path], float]) -
         assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
         data = img.get_fdata(dtype=np.float32)
         assert np.isfinite(data).all() and data.min() >= 0 and data.max() > 100  # scanner units, not [0, 1]
-    first = [nib.load(s / "sub-001.nii.gz").get_fdata(dtype=np.float32) for s in sites[0]]
+    first = [nib.load(s / "sub-001.nii.gz").get_fdata(dtype=np.float32) for s in sites]
     assert not np.array_equal(first[0], first[1])
 
 
-def test_site_toml_parses_and_profiles_differ(sites: tuple[list[Path], float]) -> None:
+def test_site_toml_parses_and_profiles_differ(sites: list[Path]) -> None:
     profiles = []
-    for site in sites[0]:
+    for site in sites:
         config = tomllib.loads((site / "site.toml").read_text())
         assert config["name"] == site.name and config["modality"] == "MR"
         assert config["scanner"] in {"Siemens 3T", "GE 1.5T", "Philips 3T"}
