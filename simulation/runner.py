@@ -1,70 +1,104 @@
 """Runs one federation on Flower's simulation engine: the ClientApp and ServerApp composed, nothing added.
 
-Started by ``fedsr simulate`` as ``python -m simulation.runner RUN_DIR`` in a process of its own, so that
+Started by ``fedsr simulate`` as ``python -m simulation.runner RUN_CONFIG_JSON`` in a process of its own, so that
 Flower's and Ray's output goes to ``RUN_DIR/flower.log`` and Ctrl-C can stop the whole federation at once.
-The settings come from ``RUN_DIR/config.toml``; each sub-folder of ``sites-dir`` is one simulated site.
+The argument is the flat run config (``RunSettings.to_config()``) as JSON; each sub-folder of ``sites-dir`` is one
+simulated site. The ServerApp writes ``RUN_DIR/config.toml``, as under ``flwr run``.
+
+Start-up is most of a short run's cost (Ray's processes, and every process importing torch, MONAI and Flower), so
+this module imports nothing heavy at the top: :func:`main` starts Ray first, with its workers preloading the site's
+code, while this process imports the apps in a second thread; Flower's engine then uses the running Ray as it is.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import sys
-import tomllib
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
-import torch
+from client.data.files import site_folders
 
-from client.app import build_client_app
-from server.app import build_server_app
-from server.settings import RunSettings
+if TYPE_CHECKING:
+    from server.settings import RunSettings
 
-
-def site_folders(sites_dir: str | Path) -> list[str]:
-    """The site folders of a federation: the sub-folders of ``sites_dir``, sorted by name."""
-    root = Path(sites_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"sites folder {root} does not exist; create it or use `fedsr sites make-phantoms`")
-    folders = sorted(str(p) for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
-        raise FileNotFoundError(f"sites folder {root} has no site sub-folders (one folder per site)")
-    return folders
+#: What every Ray worker imports as it starts, before it is given a site: the ClientApp, the site's data and
+#: training stack (imported by the app only at its first message) and MONAI (which the networks and metrics use).
+WORKER_PRELOAD = "client.app,client.paired,monai"
 
 
-def backend_config(settings: RunSettings, num_sites: int) -> dict:
-    """Ray resources: every simulated site runs at once, sharing the CPUs equally (and the GPU, if used).
+def site_processes(num_sites: int) -> int:
+    """How many worker processes (Ray actors) serve the sites: one per site while every process gets at least two
+    cores, fewer otherwise (at least one), so that a small machine does not pay every process's start-up (torch,
+    MONAI and Flower imports: seconds of CPU each) for parallelism it does not have. A process serves its sites in
+    turn with all of its threads, and keeps each site's prepared data."""
+    return max(1, min(num_sites, (os.cpu_count() or 1) // 2))
 
-    With more sites than cores each gets a fraction of a core, so all sites train concurrently and no round
-    waits for a second wave of sites (:func:`threads_per_site` keeps each to its share of threads).
+
+def threads_per_process(num_sites: int) -> str:
+    """Torch threads for each worker process: its share of the cores, at least one."""
+    return str(max(1, (os.cpu_count() or 1) // site_processes(num_sites)))
+
+
+def start_ray(num_sites: int, device: str) -> None:
+    """Start Ray for ``num_sites`` sites: all cores, the GPU Ray finds unless ``device`` is ``cpu``.
+
+    Its workers inherit this process's environment: the import path (so they find the project as this process
+    does), each worker's share of threads, and the modules to preload (Ray's ``preload_python_modules``).
     """
+    import ray
+
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [*sys.path, os.environ.get("PYTHONPATH")]))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = threads_per_process(num_sites)
+    os.environ["RAY_preload_python_modules"] = WORKER_PRELOAD
+    # One logical CPU per worker process (each uses its threads' worth of cores): Ray then starts exactly the
+    # workers the sites need, each preloading, and no spare one competes with them for the cores.
+    ray.init(
+        num_cpus=site_processes(num_sites), num_gpus=0 if device == "cpu" else None, include_dashboard=False,
+        log_to_driver=True,
+    )
+
+
+def client_resources(settings: RunSettings, num_sites: int) -> dict:
+    """Ray resources of each worker process (Flower starts as many actors as these fit in Ray's resources): one of
+    the :func:`site_processes` logical CPUs :func:`start_ray` declares, and an equal share of the GPU, if used."""
+    import torch
+
+    processes = site_processes(num_sites)
     uses_gpu = settings.device != "cpu" and torch.cuda.is_available()
-    cpus = os.cpu_count() or 1
-    return {
-        "client_resources": {"num_cpus": cpus / num_sites, "num_gpus": 1.0 / min(num_sites, 4) if uses_gpu else 0.0},
-        "init_args": {"num_cpus": cpus, "num_gpus": 1 if uses_gpu else 0, "log_to_driver": True},
-    }
+    return {"num_cpus": 1, "num_gpus": 1.0 / min(processes, 4) if uses_gpu else 0.0}
 
 
-def threads_per_site(num_sites: int) -> str:
-    """Torch threads for each simulated site: its share of the cores, at least one."""
-    return str(max(1, (os.cpu_count() or 1) // num_sites))
+def _import_apps() -> tuple:
+    """torch, MONAI and Flower: seconds of CPU that Ray's start-up can overlap; the model families too, which the
+    ServerApp needs first thing."""
+    from flwr.simulation import run_simulation
+
+    from client.app import build_client_app
+    from server.app import build_server_app
+    from server.settings import RunSettings
+    from shared_models.registry import families
+
+    families()
+    return run_simulation, build_client_app, build_server_app, RunSettings
 
 
-def run(run_dir: Path) -> None:
-    """Run the federation described by ``run_dir/config.toml``."""
-    from flwr.simulation import run_simulation  # imported here: it pulls in Ray
-
-    settings = RunSettings.from_run_config(tomllib.loads((run_dir / "config.toml").read_text()))
-    sites = site_folders(settings.sites_dir)
-    settings = settings.replace(run_dir=str(run_dir), num_sites=len(sites))
-    # Ray's workers inherit this process's environment; Ray itself only sets the thread count where it is unset.
-    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = threads_per_site(len(sites))
+def run(run_config: dict) -> None:
+    """Run the federation the flat ``run_config`` describes (``sites-dir`` and ``run-dir`` set)."""
+    sites = site_folders(str(run_config["sites-dir"]))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="import-apps") as pool:
+        imports = pool.submit(_import_apps)
+        start_ray(len(sites), str(run_config.get("device", "auto")))
+        run_simulation, build_client_app, build_server_app, settings_type = imports.result()
+    settings = settings_type.from_run_config(run_config).replace(num_sites=len(sites))
     run_simulation(
         server_app=build_server_app(settings),
         client_app=build_client_app(sites),
         num_supernodes=len(sites),
-        backend_config=backend_config(settings, len(sites)),
+        backend_config={"client_resources": client_resources(settings, len(sites))},
     )
 
 
@@ -78,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("flwr").propagate = False  # Flower prints its own lines; do not log them twice
     logging.getLogger("alembic").setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    run(Path(args[0]))
+    run(json.loads(args[0]))
     return 0
 
 
