@@ -229,6 +229,22 @@ def test_bad_site_toml_stops_load_site(tmp_path, make):
         load_site(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("table", "words"),
+    [
+        ('[acquisition]\nprofile = "mr-3t-kspace"\nnoise_levl = 0.1\n', "noise_levl"),
+        ('[acquisition]\nprofile = "ct-standard"\n', "is for CT but the site's modality is MR"),
+    ],
+)
+def test_a_bad_acquisition_table_stops_the_site_when_it_loads(tmp_path, make, table, words):
+    make.nifti(tmp_path / "a.nii.gz", _hu_volume((20, 20, 5), 0))
+    (tmp_path / "site.toml").write_text(table)
+    with pytest.raises(SiteError) as caught:
+        load_site(tmp_path)  # what `fedsr sites check` does: the typo shows before any training
+    assert caught.value.path == str(tmp_path / "site.toml")
+    assert "[acquisition]" in caught.value.problem and words in caught.value.problem
+
+
 # ------------------------------------------------------------------------------------------ site folders
 
 

@@ -12,12 +12,13 @@ import numpy as np
 
 from client.data.dicom import read_dicom_files
 from client.data.errors import ScanError, SiteError, Skipped
-from client.data.files import list_scan_files
+from client.data.files import SITE_CONFIG_NAME, list_scan_files
 from client.data.nifti import is_nifti, nifti_stem, read_nifti
 from client.data.normalise import Normalisation, fit_normalisation
 from client.data.siteconfig import SiteConfig, load_site_config
 from client.data.split import SPLITS, explicit_split, split_subjects
 from client.data.volume import Volume, validate_volume
+from client.degrade import profile_from_config
 
 __all__ = ["Site", "SiteScan", "Skipped", "discover", "load_site"]
 
@@ -108,6 +109,7 @@ def load_site(site_dir: str | PathLike[str]) -> Site:
     dicom_modalities = [volume.modality for volume in volumes if not is_nifti(volume.source)]
     if config.modality_source != "site.toml" and dicom_modalities:
         config = replace(config, modality=dicom_modalities[0], modality_source="dicom")
+    _check_acquisition(directory, config)
     subjects = [volume.subject for volume in volumes]
     if config.split_subjects is not None:
         parts = explicit_split(subjects, config.split_subjects)
@@ -126,6 +128,17 @@ def load_site(site_dir: str | PathLike[str]) -> Site:
         ", ".join(f"{len(parts[name])} {name}" for name in SPLITS), len(skipped),
     )
     return Site(directory=directory, config=config, scans=scans, skipped=skipped)
+
+
+def _check_acquisition(directory: Path, config: SiteConfig) -> None:
+    """site.toml's ``[acquisition]`` must name a profile that fits the site's modality: checked when the site
+    loads (so ``fedsr sites check`` reports it), not first when training starts."""
+    try:
+        profile_from_config(config.acquisition, config.modality)
+    except ValueError as error:
+        raise SiteError(
+            directory / SITE_CONFIG_NAME, f"[acquisition]: {error}", "fix the table (README: acquisition profiles)"
+        ) from None
 
 
 def _existing_folder(site_dir: str | PathLike[str]) -> Path:
