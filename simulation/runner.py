@@ -26,8 +26,9 @@ if TYPE_CHECKING:
     from server.settings import RunSettings
 
 #: What every Ray worker imports as it starts, before it is given a site: the ClientApp, the site's data and
-#: training stack (imported by the app only at its first message) and MONAI (which the networks and metrics use).
-WORKER_PRELOAD = "client.app,client.paired,monai"
+#: training stack (imported by the app only at its first message), MONAI (which the networks and metrics use) and
+#: torch._dynamo (which torch's optimisers import when the first one is built: about a second, once per process).
+WORKER_PRELOAD = "client.app,client.paired,monai,torch._dynamo"
 
 
 def site_processes(num_sites: int) -> int:
