@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import tomli_w
+from flwr.common.config import flatten_dict, unflatten_dict
 
 from shared_models.atomic import atomic_write
 
@@ -22,45 +23,20 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
-def toml_dumps(values: Mapping[str, Any]) -> str:
-    """``values`` as TOML text (``tomli_w``; the standard library reads TOML but cannot write it).
-
-    Raises:
-        TypeError: a value TOML cannot hold (e.g. None or an arbitrary object).
-    """
-    return tomli_w.dumps(values)
-
-
 def write_run_config(run_dir: Path, flat: Mapping[str, Any]) -> Path:
     """``run_dir/config.toml``: the resolved run config, family options as tables (``[family]``) as in pyproject.
 
-    The one writer of that file; :func:`read_run_config` reads it back flat, as Flower hands run configs over.
+    The one writer of that file; :func:`read_run_config` reads it back flat, as Flower hands run configs over
+    (Flower's own ``unflatten_dict`` / ``flatten_dict``, so both sides split keys the same way).
     """
-    nested: dict[str, Any] = {}
-    for key, value in flat.items():
-        *tables, name = key.split(".")
-        target = nested
-        for table in tables:
-            target = target.setdefault(table, {})
-        target[name] = value
     path = run_dir / "config.toml"
-    atomic_write_text(path, toml_dumps(nested))
+    atomic_write_text(path, tomli_w.dumps(unflatten_dict(dict(flat))))
     return path
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
-    """What :func:`write_run_config` wrote, with nested tables flattened to ``table.key`` (Flower's form)."""
-
-    def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-        flat: dict[str, Any] = {}
-        for key, value in table.items():
-            if isinstance(value, dict):
-                flat.update(flatten(value, f"{prefix}{key}."))
-            else:
-                flat[prefix + key] = value
-        return flat
-
-    return flatten(tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8")))
+    """What :func:`write_run_config` wrote, with nested tables flattened to ``table.key``."""
+    return flatten_dict(tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8")))
 
 
 class RunRecorder:
