@@ -43,7 +43,7 @@ def as_batch(volume: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(volume, 2, 0)[:, None], dtype=np.float32))
 
 
-@functools.lru_cache(maxsize=64)
+@functools.cache  # one small dict per validation pair, for as many sites as the process serves
 def _baseline_scores(pairing: Pairing, pair: ScanPair, max_slices: int) -> dict[str, float]:
     """The baseline's metrics of a pair: they never change during a run, so they are computed once per process."""
     interpolated, hr = pairing.baseline(pair, max_slices=max_slices)

@@ -154,9 +154,11 @@ def site_seed(name: str, seed: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-@functools.lru_cache(maxsize=8)
+@functools.cache
 def prepare_site(site_dir: str, scale: int, pairing: Pairing) -> PreparedSite:
-    """Load a site folder once and make its train and validation pairs with ``pairing`` (cached per process).
+    """Load a site folder once and make its train and validation pairs with ``pairing`` (cached per process, with
+    no size limit: one simulation worker may serve every site in turn, and an evicted site would be read and
+    degraded again every round).
 
     Raises :class:`SiteError` when the folder is missing, empty, has nothing usable, cannot give ``pairing``'s
     pairs, or lacks a train or validation scan.

@@ -19,7 +19,7 @@ def model_catalog() -> list[dict[str, Any]]:
     for family, entry in sorted(families().items()):
         defaults = entry.defaults
         for preset in list(entry.presets) or [None]:
-            dims = supported_dims(family, preset)
+            dims = list(supported_dims(family, preset))
             params: dict[str, Any] = {} if preset is None else {"preset": preset}
             if "in_channels" in defaults:
                 params["in_channels"] = 1

@@ -14,6 +14,7 @@ and its ``register_model`` calls register it, on the coordinator and at every si
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import inspect
@@ -213,12 +214,13 @@ def family_options_types() -> dict[str, type[FamilyOptions]]:
     return {name: f.options for name, f in sorted(families().items()) if f.options is not None}
 
 
-def supported_dims(name: str, preset: str | None = None) -> list[int]:
+@functools.cache
+def supported_dims(name: str, preset: str | None = None) -> tuple[int, ...]:
     """Spatial dims the family accepts (2 for a family whose factory has no ``spatial_dims``): the constructor is
-    asked, so the family's own checks decide."""
+    asked, so the family's own checks decide. Cached: settings are checked against it every time they are made."""
     found = family(name)
     if "spatial_dims" not in found.defaults:
-        return [2]
+        return (2,)
     preset_arg = {} if preset is None else {"preset": preset}
     dims = []
     for d in (2, 3):
@@ -227,7 +229,7 @@ def supported_dims(name: str, preset: str | None = None) -> list[int]:
         except ValueError:
             continue
         dims.append(d)
-    return dims
+    return tuple(dims)
 
 
 def model_problems(name: str, preset: str, spatial_dims: int) -> list[str]:
