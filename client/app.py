@@ -19,7 +19,6 @@ from client.data.files import site_folders
 
 if TYPE_CHECKING:
     from client.pairs import PreparedSite
-    from client.tasks import LocalTask
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,7 @@ def build_client_app(simulated_site_dirs: Sequence[str] | None = None, mods: Seq
         task, job, site, model = _setup(msg, context, simulated_site_dirs)
         result = task.train(model, msg.content["arrays"].to_torch_state_dict(), site, job)
         metrics = dict(result.metrics, **{"skipped-files": len(site.skipped)})
-        return _reply(msg, task, site, {"arrays": ArrayRecord(result.weights), "metrics": MetricRecord(metrics)})
+        return _reply(msg, site, {"arrays": ArrayRecord(result.weights), "metrics": MetricRecord(metrics)})
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -45,7 +44,7 @@ def build_client_app(simulated_site_dirs: Sequence[str] | None = None, mods: Seq
         scores = task.evaluate(model, msg.content["arrays"].to_torch_state_dict(), site, job)
         scores["num-examples"] = scores["num-val-slices"]
         scores["skipped-files"] = len(site.skipped)
-        return _reply(msg, task, site, {"metrics": MetricRecord(scores)})
+        return _reply(msg, site, {"metrics": MetricRecord(scores)})
 
     return app
 
@@ -68,11 +67,11 @@ def _setup(msg: Message, context: Context, simulated_site_dirs: Sequence[str] | 
     return task, job, site, build_from_settings(job)
 
 
-def _reply(msg: Message, task: LocalTask, site: PreparedSite, records: dict) -> Message:
+def _reply(msg: Message, site: PreparedSite, records: dict) -> Message:
     """The reply: the records plus what the site says of itself: its display name, the baseline its scores are
     compared with and its intensity mapping rule (numbers and names only, nothing of a scan)."""
     records["site"] = ConfigRecord(
-        {"name": site.name, "baseline": task.baseline_method(site), "normalisation": json.dumps(site.intensity)}
+        {"name": site.name, "baseline": site.pairing.baseline_method, "normalisation": json.dumps(site.intensity)}
     )
     return Message(content=RecordDict(records), reply_to=msg)
 

@@ -68,7 +68,3 @@ class LocalTask(ABC):
         self, model: nn.Module, weights: dict[str, torch.Tensor], site: PreparedSite, job: RoundJob
     ) -> dict[str, float]:
         """Scores of the coordinator's ``weights`` on the site's validation pairs (client.evaluation's keys)."""
-
-    def baseline_method(self, site: PreparedSite) -> str:
-        """The interpolation the scores are compared with."""
-        return site.pairing.baseline_method
