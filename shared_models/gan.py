@@ -251,17 +251,45 @@ class PatchDiscriminator(nn.Module):
         return self.body(x)
 
 
+def export_generator(model: nn.Module) -> nn.Module:
+    """A standalone "rrdb" generator (a copy) with the pair's generator weights, for checkpoints and inference.
+
+    ``save_checkpoint(path, export_generator(pair), scale=...)`` + ``load_checkpoint(path)`` rebuild it without
+    the discriminator. A model that already is an "rrdb" generator is copied as it is.
+    """
+    model = unwrap(model)
+    spec = model_spec(model)
+    if spec["name"] == "rrdb":
+        source = model
+    elif spec["name"] == "gan":
+        source = model.generator
+    else:
+        raise ValueError(f"export_generator needs a 'gan' or 'rrdb' model, got {spec['name']!r}")
+    generator = build_model("rrdb", **{k: spec["params"][k] for k in _GENERATOR_PARAMS})
+    generator.load_state_dict(source.state_dict())
+    return generator.to(next(source.parameters()).device)
+
+
+def federated_state(model: nn.Module, discriminator: str) -> dict[str, torch.Tensor]:
+    """The state that leaves a site: every key (``"federated"``) or the generator's only (``"local"``).
+
+    Tensors are detached but not copied (move them to the CPU before sending).
+    """
+    if discriminator not in DISCRIMINATOR_MODES:
+        raise ValueError(f"discriminator mode must be one of {', '.join(DISCRIMINATOR_MODES)}, got {discriminator!r}")
+    state = unwrap(model).state_dict()
+    if discriminator == "local":
+        state = {k: v for k, v in state.items() if not k.startswith(DISCRIMINATOR_PREFIX)}
+    return {k: v.detach() for k, v in state.items()}
+
+
 def _travelling_state(model: nn.Module, options: GanOptions | None) -> dict[str, torch.Tensor]:
     return federated_state(model, (options or GanOptions()).discriminator)
 
 
-def _export(model: nn.Module) -> nn.Module:
-    return export_generator(model)
-
-
 @register_model(
     "gan", presets=GAN_PRESETS, options=GanOptions, task="client.tasks.gan:GanTask",
-    shared_state=_travelling_state, export=_export,
+    shared_state=_travelling_state, export=export_generator,
 )
 class GANPair(nn.Module):
     """Generator + discriminator as one model: ``forward(x)`` = ``generator(x)``.
@@ -298,35 +326,3 @@ class GANPair(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The generator's super-resolved image."""
         return self.generator(x)
-
-
-def export_generator(model: nn.Module) -> nn.Module:
-    """A standalone "rrdb" generator (a copy) with the pair's generator weights, for checkpoints and inference.
-
-    ``save_checkpoint(path, export_generator(pair), scale=...)`` + ``load_checkpoint(path)`` rebuild it without
-    the discriminator. A model that already is an "rrdb" generator is copied as it is.
-    """
-    model = unwrap(model)
-    spec = model_spec(model)
-    if spec["name"] == "rrdb":
-        source = model
-    elif spec["name"] == "gan":
-        source = model.generator
-    else:
-        raise ValueError(f"export_generator needs a 'gan' or 'rrdb' model, got {spec['name']!r}")
-    generator = build_model("rrdb", **{k: spec["params"][k] for k in _GENERATOR_PARAMS})
-    generator.load_state_dict(source.state_dict())
-    return generator.to(next(source.parameters()).device)
-
-
-def federated_state(model: nn.Module, discriminator: str) -> dict[str, torch.Tensor]:
-    """The state that leaves a site: every key (``"federated"``) or the generator's only (``"local"``).
-
-    Tensors are detached but not copied (move them to the CPU before sending).
-    """
-    if discriminator not in DISCRIMINATOR_MODES:
-        raise ValueError(f"discriminator mode must be one of {', '.join(DISCRIMINATOR_MODES)}, got {discriminator!r}")
-    state = unwrap(model).state_dict()
-    if discriminator == "local":
-        state = {k: v for k, v in state.items() if not k.startswith(DISCRIMINATOR_PREFIX)}
-    return {k: v.detach() for k, v in state.items()}
