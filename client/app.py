@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from client.pairs import PreparedSite
 
 log = logging.getLogger(__name__)
+
+#: Where a site keeps its local-only model for the run (``context.state`` lives as long as the run).
+OWN_LOCAL_MODEL = "own-local-model"
 
 
 def build_client_app(simulated_site_dirs: Sequence[str] | None = None, mods: Sequence[Mod] = ()) -> ClientApp:
@@ -46,6 +49,59 @@ def build_client_app(simulated_site_dirs: Sequence[str] | None = None, mods: Seq
         scores["skipped-files"] = len(site.skipped)
         return _reply(msg, site, {"metrics": MetricRecord(scores)})
 
+    @app.query("describe")
+    def describe(msg: Message, context: Context) -> Message:
+        from client.cross_site import describe as describe_site
+
+        _task, _job, site, _model = _setup(msg, context, simulated_site_dirs)
+        return _reply(msg, site, {}, about=describe_site(site))
+
+    @app.train("local")
+    def train_local(msg: Message, context: Context) -> Message:
+        """The site's local-only baseline; its weights leave the site only if its site.toml allows it."""
+        task, job, site, model = _setup(msg, context, simulated_site_dirs)
+        job = job.replace(purpose="local-baseline")
+        result = task.train_alone(model, msg.content["arrays"].to_torch_state_dict(), site, job,
+                                  int(msg.content["config"]["local-rounds"]))
+        context.state[OWN_LOCAL_MODEL] = ArrayRecord(result.weights)
+        records: dict = {"metrics": MetricRecord(dict(result.metrics, **{"skipped-files": len(site.skipped)}))}
+        if site.config.share_local_model:
+            records["arrays"] = ArrayRecord(result.weights)
+        return _reply(msg, site, records)
+
+    @app.train("pooled")
+    def train_pooled(msg: Message, context: Context) -> Message:
+        """Simulation only: one model on every simulated site's training data, with the federation's compute."""
+        from client.cross_site import pooled_site
+
+        task, job, site, model = _setup(msg, context, simulated_site_dirs)
+        config = msg.content["config"]
+        job = job.replace(purpose="pooled", local_steps=int(config["pooled-steps"]))
+        dirs = _simulated_site_dirs(context, simulated_site_dirs)
+        if not dirs:
+            raise RuntimeError("the pooled baseline needs every site's data: only a simulated site has it")
+        pooled = pooled_site([task.prepare(str(folder), job) for folder in dirs])
+        result = task.train_alone(model, msg.content["arrays"].to_torch_state_dict(), pooled, job,
+                                  int(config["local-rounds"]))
+        return _reply(msg, site, {"arrays": ArrayRecord(result.weights), "metrics": MetricRecord(result.metrics)})
+
+    @app.evaluate("cross")
+    def evaluate_cross(msg: Message, context: Context) -> Message:
+        """Every model sent (and this site's own local-only model, if it kept it) on the site's test split."""
+        from client.cross_site import score_models
+
+        task, job, site, model = _setup(msg, context, simulated_site_dirs)
+        models = {key.removeprefix("model:"): record.to_torch_state_dict()
+                  for key, record in msg.content.array_records.items() if key.startswith("model:")}
+        own = f"local:{site.name}"
+        if msg.content["config"].get("score-own-local") and own not in models and OWN_LOCAL_MODEL in context.state:
+            models[own] = context.state[OWN_LOCAL_MODEL].to_torch_state_dict()
+        scores, previews = score_models(task, model, site, job, models)
+        records: dict = {f"scores:{name}": MetricRecord(values) for name, values in scores.items()}
+        if previews is not None:
+            records["previews"] = ArrayRecord({name: Array(crop) for name, crop in previews.items()})
+        return _reply(msg, site, records)
+
     return app
 
 
@@ -67,12 +123,14 @@ def _setup(msg: Message, context: Context, simulated_site_dirs: Sequence[str] | 
     return task, job, site, build_from_settings(job)
 
 
-def _reply(msg: Message, site: PreparedSite, records: dict) -> Message:
+def _reply(msg: Message, site: PreparedSite, records: dict, about: dict | None = None) -> Message:
     """The reply: the records plus what the site says of itself: its display name, the baseline its scores are
-    compared with and its intensity mapping rule (numbers and names only, nothing of a scan)."""
-    records["site"] = ConfigRecord(
-        {"name": site.name, "baseline": site.pairing.baseline_method, "normalisation": json.dumps(site.intensity)}
-    )
+    compared with and its intensity mapping rule (numbers and names only, nothing of a scan); ``about``: its
+    description for the report (JSON), in the reply to ``query.describe``."""
+    said = {"name": site.name, "baseline": site.pairing.baseline_method, "normalisation": json.dumps(site.intensity)}
+    if about is not None:
+        said["about"] = json.dumps(about)
+    records["site"] = ConfigRecord(said)
     return Message(content=RecordDict(records), reply_to=msg)
 
 
@@ -88,9 +146,7 @@ def resolve_site_dir(context: Context, simulated_site_dirs: Sequence[str] | None
         return Path(str(node["site-dir"])).expanduser()
     if "partition-id" in node:
         partition = int(node["partition-id"])
-        dirs = list(simulated_site_dirs or [])
-        if not dirs and context.run_config.get("sites-dir"):
-            dirs = site_folders(str(context.run_config["sites-dir"]))
+        dirs = _simulated_site_dirs(context, simulated_site_dirs)
         if partition < len(dirs):
             return Path(dirs[partition])
         raise RuntimeError(
@@ -100,6 +156,18 @@ def resolve_site_dir(context: Context, simulated_site_dirs: Sequence[str] | None
     raise RuntimeError(
         "this SuperNode has no site folder: start it with --node-config \"site-dir='/path/to/site'\""
     )
+
+
+def _simulated_site_dirs(context: Context, simulated_site_dirs: Sequence[str] | None) -> list[str]:
+    """Every simulated site's folder (from the runner, or the run config's ``sites-dir`` under ``flwr run``); empty
+    on a real SuperNode, which knows its own folder only."""
+    if "partition-id" not in context.node_config:
+        return []
+    if simulated_site_dirs:
+        return list(simulated_site_dirs)
+    if context.run_config.get("sites-dir"):
+        return [str(folder) for folder in site_folders(str(context.run_config["sites-dir"]))]
+    return []
 
 
 app = build_client_app()

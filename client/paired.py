@@ -4,7 +4,8 @@ In-plane (:class:`InPlanePairing`): each scan's LR is made with the site's in-pl
 (:func:`client.degrade.degrade_inplane`), (X, Y, Z) -> (X/s, Y/s, Z); training patches are in-plane squares and the
 baseline is bicubic interpolation of each slice. Isotropic (:class:`IsotropicPairing`): LR reduced along every axis
 (:func:`client.degrade.degrade_isotropic`); training patches are cubes and the baseline is trilinear interpolation of
-the whole volume. Both are scored on the HR's in-plane slices with anatomy.
+the whole volume. Both are scored on the HR's in-plane slices with anatomy, and an output is acquired again with the
+same pipeline that made the LR.
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ class InPlanePairing(Pairing):
 
     baseline_method = "bicubic"
     spatial_dims = 2
+    #: The acquisition pipeline (HR, profile, scale, spacing, rng) -> (cropped HR, LR).
+    degrade = staticmethod(degrade_inplane)
 
     def pairs(
         self, scan: SiteScan, profile: AcquisitionProfile, scale: int, rng: np.random.Generator, site: Site
     ) -> list[ScanPair]:
-        degrade = degrade_inplane if self.spatial_dims == 2 else degrade_isotropic
-        hr, lr = degrade(scan.image, profile, scale, scan.volume.spacing, rng)
+        hr, lr = self.degrade(scan.image, profile, scale, scan.volume.spacing, rng)
         return [ScanPair(scan.volume.subject, hr, lr, **pair_geometry(scan, hr))]
 
     def sampler(self, pairs: Sequence[ScanPair], scale: int, patch_size: int, rng: np.random.Generator) -> PatchSampler:
@@ -46,22 +48,29 @@ class InPlanePairing(Pairing):
         """HR slices of the training scans."""
         return sum(pair.hr.shape[2] for pair in pairs)
 
+    def restore(self, model: nn.Module, pair: ScanPair, *, device: torch.device) -> np.ndarray:
+        """Every slice (2D models) or the whole volume in tiles (3D models)."""
+        return super_resolve(model, pair.lr, device=device)
+
     def restored(
         self, model: nn.Module, pair: ScanPair, *, device: torch.device, max_slices: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Only the scored slices are computed (3D: only the tiles these slices need): validation every round."""
         index = evaluation_slices(pair.hr, max_slices)
-        sr = super_resolve(model, pair.lr, device=device, slices=index)  # 3D: only the tiles these slices need
-        return as_batch(sr), as_batch(pair.hr[:, :, index])
+        sr = super_resolve(model, pair.lr, device=device, slices=index)
+        return as_batch(sr), self.scored(pair, pair.hr, max_slices=max_slices)
 
-    def baseline(self, pair: ScanPair, *, max_slices: int) -> tuple[torch.Tensor, torch.Tensor]:
-        index = evaluation_slices(pair.hr, max_slices)
-        scale = pair.hr.shape[0] // pair.lr.shape[0]
-        if self.spatial_dims == 3:  # trilinear on the whole volume, then the scored slices
-            volume = upsample_baseline(torch.from_numpy(pair.lr)[None, None], scale)[0, 0].numpy()
-            interpolated = as_batch(volume[:, :, index])
-        else:
-            interpolated = upsample_baseline(as_batch(pair.lr[:, :, index]), scale)
-        return interpolated, as_batch(pair.hr[:, :, index])
+    def interpolate(self, pair: ScanPair) -> np.ndarray:
+        """Bicubic interpolation of each slice."""
+        interpolated = upsample_baseline(as_batch(pair.lr), pair.scale)
+        return np.ascontiguousarray(np.moveaxis(interpolated[:, 0].numpy(), 0, 2))
+
+    def acquire(
+        self, pair: ScanPair, volume: np.ndarray, profile: AcquisitionProfile, spacing: Sequence[float],
+        rng: np.random.Generator,
+    ) -> np.ndarray:
+        _, lr = self.degrade(volume, profile, pair.scale, spacing, rng)  # on the HR grid: nothing is cropped
+        return lr
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,11 @@ class IsotropicPairing(InPlanePairing):
 
     baseline_method = "trilinear"
     spatial_dims = 3
+    degrade = staticmethod(degrade_isotropic)
+
+    def interpolate(self, pair: ScanPair) -> np.ndarray:
+        """Trilinear interpolation of the whole volume."""
+        return upsample_baseline(torch.from_numpy(pair.lr)[None, None], pair.scale)[0, 0].numpy()
 
 
 def paired_for(spatial_dims: int) -> Pairing:

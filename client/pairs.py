@@ -2,15 +2,16 @@
 
 The low-resolution image of every scan is synthesised with the site's *own* acquisition model
 (``site.toml`` -> :mod:`client.degrade`), so each hospital's data carries its scanner's blur and noise. How a scan
-becomes pairs, how pairs are sampled for training and how they are scored beside an interpolation baseline is a
-:class:`Pairing` (in-plane and isotropic pairs in :mod:`client.paired`, one-axis pairs in :mod:`client.selfsup`);
-a family's local task picks one. Loading and degrading happen once per (site folder, scale, pairing) and are cached
-for the life of the process: Flower calls the ClientApp every round, and re-reading scans each round would dominate
-the round time.
+becomes pairs, how pairs are sampled for training, how a model restores a whole scan, how the scan is scored beside
+an interpolation baseline and how an output is acquired again (the forward model) is a :class:`Pairing` (in-plane
+and isotropic pairs in :mod:`client.paired`, one-axis pairs in :mod:`client.selfsup`); a family's local task picks
+one. Loading and degrading happen once per (site folder, scale, pairing) and are cached for the life of the
+process: Flower calls the ClientApp every round, and re-reading scans each round would dominate the round time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -26,7 +27,9 @@ from torch import nn
 
 from client.data.errors import SiteError
 from client.data.site import Site, SiteScan, Skipped, load_site
+from client.data.siteconfig import SiteConfig
 from client.degrade import AcquisitionProfile, profile_from_config
+from client.evaluation import as_batch, evaluation_slices
 from shared_models.image import Normalisation, ScanImage
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,16 @@ class ScanPair:
         """``lr`` with its place in the world: the HR field of view on the LR grid."""
         return self.hr_image().with_voxels(self.lr)
 
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """HR voxel size (mm) along X, Y, Z, derived from ``affine`` (its column lengths), not stored."""
+        return self.hr_image().spacing
+
+    @property
+    def scale(self) -> int:
+        """HR voxels per LR voxel along the reduced axes (the largest size ratio; 1 along the other axes)."""
+        return max(h // n for h, n in zip(self.hr.shape, self.lr.shape))
+
 
 def scan_image(scan: SiteScan) -> ScanImage:
     """A loaded scan as a :class:`ScanImage` (normalised voxels, the reader's affine, modality and mapping)."""
@@ -76,9 +89,10 @@ class BatchSource(Protocol):
 
 
 class Pairing(ABC):
-    """How a site's scans become training pairs, and how pairs are sampled and scored.
+    """How a site's scans become training pairs, how pairs are sampled, restored, scored and acquired again.
 
-    Implementations are frozen dataclasses (hashable by value: they key the per-process caches).
+    Implementations are frozen dataclasses (hashable by value: they key the per-process caches). Volumes "on the
+    HR grid" are float32 arrays of ``pair.hr.shape``; scored slices are (N, 1, H, W) tensors.
     """
 
     #: The interpolation the model's output is compared with (recorded beside the ``baseline-*`` metrics).
@@ -110,23 +124,71 @@ class Pairing(ABC):
         """The site's training-set size as it reports it (weights its update in the average)."""
 
     @abstractmethod
+    def restore(self, model: nn.Module, pair: ScanPair, *, device: torch.device) -> np.ndarray:
+        """The model's output for the whole scan on the HR grid, in [0, 1]."""
+
+    @abstractmethod
+    def interpolate(self, pair: ScanPair) -> np.ndarray:
+        """The interpolation baseline (:attr:`baseline_method`) of the whole scan on the HR grid, in [0, 1]."""
+
+    @abstractmethod
+    def acquire(
+        self, pair: ScanPair, volume: np.ndarray, profile: AcquisitionProfile, spacing: Sequence[float],
+        rng: np.random.Generator,
+    ) -> np.ndarray:
+        """``volume`` (HR grid, HR voxel size ``spacing`` mm) through the :mod:`client.degrade` pipeline that made
+        ``pair.lr`` with ``profile``: float32 of ``pair.lr.shape``."""
+
+    def reacquire(
+        self, pair: ScanPair, volume: np.ndarray, profile: AcquisitionProfile, spacing: Sequence[float]
+    ) -> np.ndarray:
+        """``volume`` (HR grid) acquired again as the site's scanner acquired ``pair.lr``, without noise (the
+        profile with ``noise = "none"``): float32 of ``pair.lr.shape``. ``spacing``: HR voxel size (mm), e.g.
+        ``pair.spacing``. For ``volume = pair.hr`` at a site without noise this is ``pair.lr``."""
+        volume = np.asarray(volume, dtype=np.float32)
+        if volume.shape != pair.hr.shape:
+            raise ValueError(f"scan {pair.subject}: volume {volume.shape} is not on the HR grid {pair.hr.shape}")
+        noise_free = dataclasses.replace(profile, noise="none")
+        return self.acquire(pair, volume, noise_free, spacing, np.random.default_rng(0))  # no noise: never drawn
+
+    def scored(self, pair: ScanPair, volume: np.ndarray, *, max_slices: int) -> torch.Tensor:
+        """The slices of ``volume`` (HR grid) that scores are computed on, (N, 1, H, W). Default: the (X, Y)
+        slices with anatomy in ``pair.hr`` (:func:`client.evaluation.evaluation_slices`), as (N, 1, X, Y)."""
+        return as_batch(volume[:, :, evaluation_slices(pair.hr, max_slices)])
+
+    def excess_planes(
+        self, pair: ScanPair, volume: np.ndarray, *, max_slices: int
+    ) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """The planes of ``volume`` (HR grid) that high-frequency excess is measured on, (N, 1, H, W), and the
+        plane axes along which the LR grid is coarser (``reduced_axes`` of
+        :func:`shared_models.metrics.high_frequency_excess`). Default: the scored slices, coarser along both."""
+        return self.scored(pair, volume, max_slices=max_slices), (-2, -1)
+
     def restored(
         self, model: nn.Module, pair: ScanPair, *, device: torch.device, max_slices: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The model's output and the truth on the scored slices: two (N, 1, H, W) tensors."""
+        """The model's output and the truth on the scored slices: two (N, 1, H, W) tensors (default: the whole
+        scan restored, then its scored slices; a pairing may compute only those)."""
+        restored = self.restore(model, pair, device=device)
+        return self.scored(pair, restored, max_slices=max_slices), self.scored(pair, pair.hr, max_slices=max_slices)
 
-    @abstractmethod
     def baseline(self, pair: ScanPair, *, max_slices: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The interpolation baseline and the truth on the same slices as :meth:`restored`."""
+        interpolated = self.interpolate(pair)
+        return self.scored(pair, interpolated, max_slices=max_slices), self.scored(pair, pair.hr, max_slices=max_slices)
 
 
 @dataclass(frozen=True)
 class PreparedSite:
     """A site's pairs by split, plus what could not be used.
 
+    ``test``: the test split's pairs (may be empty: such a site still trains; nothing scores them during rounds).
     ``supervision``: the site's ``site.toml`` value. ``intensity``: how its scans were mapped to [0, 1]
     (``{"modality", "kind", "range"}``: the HU window for CT, the foreground percentiles for MR), which the site
-    reports so that checkpoints can record it; no scan's own values are in it.
+    reports so that checkpoints can record it; no scan's own values are in it. ``profile``: the site's acquisition
+    model (which made every pair's LR). ``config``: its ``site.toml`` settings. ``split_counts`` and ``test_note``:
+    :meth:`client.data.site.Site.split_counts` and :meth:`~client.data.site.Site.test_note` (counts and a line
+    for reports; no id).
     """
 
     name: str
@@ -135,9 +197,14 @@ class PreparedSite:
     pairing: Pairing
     train: tuple[ScanPair, ...]
     val: tuple[ScanPair, ...]
+    test: tuple[ScanPair, ...]
     skipped: tuple[Skipped, ...]
     supervision: str
     intensity: dict
+    profile: AcquisitionProfile
+    config: SiteConfig
+    split_counts: dict[str, dict[str, int]]
+    test_note: str | None
 
 
 def intensity_policy(site: Site) -> dict:
@@ -156,12 +223,15 @@ def site_seed(name: str, seed: int) -> int:
 
 @functools.cache
 def prepare_site(site_dir: str, scale: int, pairing: Pairing) -> PreparedSite:
-    """Load a site folder once and make its train and validation pairs with ``pairing`` (cached per process, with
-    no size limit: one simulation worker may serve every site in turn, and an evicted site would be read and
+    """Load a site folder once and make its train, validation and test pairs with ``pairing`` (cached per process,
+    with no size limit: one simulation worker may serve every site in turn, and an evicted site would be read and
     degraded again every round).
 
+    LR noise is drawn from a stream seeded by the site's name and split seed; the test pairs draw from a stream
+    of their own, so train and validation pairs are the same whether or not the site has test scans.
+
     Raises :class:`SiteError` when the folder is missing, empty, has nothing usable, cannot give ``pairing``'s
-    pairs, or lacks a train or validation scan.
+    pairs, or lacks a train or validation scan (a test scan is optional).
     """
     site: Site = load_site(Path(site_dir))
     pairing.accepts(site)
@@ -178,12 +248,14 @@ def prepare_site(site_dir: str, scale: int, pairing: Pairing) -> PreparedSite:
                 f"no usable scan in the {split} split",
                 "add scans or change [split] in site.toml so that train and val each get at least one",
             )
+    test_rng = np.random.default_rng(site_seed(site.config.name + ":test", site.config.split_seed))
+    test = [pair for scan in site.split("test") for pair in pairing.pairs(scan, profile, scale, test_rng, site)]
     for item in site.skipped:
         log.warning("site %s: skipped %s: %s", site.config.name, item.path, item.reason)
     log.info(
-        "site %s (%s): %d train and %d val pairs, %d files skipped (torch threads: %d)",
-        site.config.name, type(pairing).__name__, len(splits["train"]), len(splits["val"]), len(site.skipped),
-        torch.get_num_threads(),
+        "site %s (%s): %d train, %d val and %d test pairs, %d files skipped (torch threads: %d)",
+        site.config.name, type(pairing).__name__, len(splits["train"]), len(splits["val"]), len(test),
+        len(site.skipped), torch.get_num_threads(),
     )
     return PreparedSite(
         name=site.config.name,
@@ -192,7 +264,12 @@ def prepare_site(site_dir: str, scale: int, pairing: Pairing) -> PreparedSite:
         pairing=pairing,
         train=tuple(splits["train"]),
         val=tuple(splits["val"]),
+        test=tuple(test),
         skipped=tuple(site.skipped),
         supervision=site.config.supervision,
         intensity=intensity_policy(site),
+        profile=profile,
+        config=site.config,
+        split_counts=site.split_counts(),
+        test_note=site.test_note(),
     )

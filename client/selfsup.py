@@ -15,8 +15,8 @@ with the site's slice profile and subsampled by ``scale`` -- LR (B, 1, P, p) -> 
   (:func:`client.degrade.slice_profile_subsample`, FWHM = the profile's ``slice_thickness_mm``, at least
   ``scale`` x the in-plane spacing, exactly as ``degrade_throughplane`` chooses it; no noise is added, the
   scan already carries the scanner's). Training patches are in-plane (X, Y) slices, degraded axis last.
-  Validation: the self-supervised proxy -- validation scans' in-plane slices degraded along Y, restored, scored
-  against the original slices (the through-plane truth does not exist at such a site).
+  Validation and test: the self-supervised proxy -- those scans' in-plane slices degraded along Y, restored,
+  scored against the original slices (the through-plane truth does not exist at such a site).
 
 Representation: :class:`AxisPair` is a :class:`client.pairs.ScanPair` whose ``lr`` is ``hr`` reduced by ``scale``
 along one axis (``axis``) only, with ``across``, the axes that may span a training plane together with ``axis``.
@@ -27,8 +27,8 @@ once per process by :func:`client.pairs.prepare_site`, as for every family.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -79,16 +79,22 @@ class AxisPair(ScanPair):
         if not reduced or tuple(expected) != self.lr.shape:
             raise ValueError(f"{self.subject}: lr {self.lr.shape} is not hr {self.hr.shape} reduced along {self.axis}")
 
-    @property
-    def scale(self) -> int:
-        return self.hr.shape[self.axis] // self.lr.shape[self.axis]
+    def _plane_order(self, across: int) -> tuple[int, int, int]:
+        """(fixed axis, ``across``, ``axis``): the volume axes that become a plane stack's axes 0, 1, 2."""
+        return 3 - self.axis - across, across, self.axis
+
+    def as_planes(self, volume: np.ndarray, across: int) -> np.ndarray:
+        """A view (no copy) of ``volume`` (the HR or the LR grid) as a stack of planes (N, A, L): N along the
+        fixed axis, A along ``across``, L along ``axis`` (the degraded axis last)."""
+        return np.moveaxis(volume, self._plane_order(across), (0, 1, 2))
+
+    def from_planes(self, planes: np.ndarray, across: int) -> np.ndarray:
+        """The inverse of :meth:`as_planes`: a stack of planes (N, A, L) back in (X, Y, Z) layout (a view)."""
+        return np.moveaxis(planes, (0, 1, 2), self._plane_order(across))
 
     def planes(self, across: int) -> tuple[np.ndarray, np.ndarray]:
-        """Views (no copy) of HR and LR as stacks of planes (N, A, L): N along the fixed axis, A along
-        ``across``, L along ``axis`` (the degraded axis last)."""
-        fixed = 3 - self.axis - across
-        order = (fixed, across, self.axis)
-        return np.moveaxis(self.hr, order, (0, 1, 2)), np.moveaxis(self.lr, order, (0, 1, 2))
+        """Views of HR and LR as stacks of planes (:meth:`as_planes`)."""
+        return self.as_planes(self.hr, across), self.as_planes(self.lr, across)
 
     @property
     def num_planes(self) -> int:
@@ -115,17 +121,24 @@ def through_plane_pair(scan: SiteScan, profile: AcquisitionProfile, scale: int, 
 def inplane_pair(scan: SiteScan, profile: AcquisitionProfile, scale: int, axis: int) -> AxisPair:
     """A thick-slice scan (X, Y, Z') -> in-plane pair degraded along ``axis`` (0 or 1).
 
-    HR: the scan centre-cropped so X and Y are multiples of ``scale``. LR: ``slice_profile_subsample`` of that
-    along ``axis`` with FWHM :func:`selfsup_thickness_mm` of that axis' spacing, clipped to [0, 1].
+    HR: the scan centre-cropped so X and Y are multiples of ``scale``. LR: :func:`acquire_inplane` of that.
     """
     if axis not in (0, 1):
         raise ValueError(f"in-plane axis must be 0 (X) or 1 (Y), got {axis}")
-    spacing = scan.volume.spacing
     hr = _centre_crop_inplane(np.asarray(scan.image, dtype=np.float32), scale)
+    lr = acquire_inplane(hr, profile, scale, axis, scan.volume.spacing)
+    return AxisPair(scan.volume.subject, hr, lr, **pair_geometry(scan, hr), axis=axis, across=(1 - axis,))
+
+
+def acquire_inplane(
+    hr: np.ndarray, profile: AcquisitionProfile, scale: int, axis: int, spacing: Sequence[float]
+) -> np.ndarray:
+    """A self-supervised site's acquisition along in-plane ``axis``: ``slice_profile_subsample`` of ``hr`` with
+    FWHM :func:`selfsup_thickness_mm` of that axis' spacing (``spacing``: HR voxel size, mm), clipped to [0, 1].
+    No noise: the scan already carries the scanner's."""
     thickness = selfsup_thickness_mm(profile, scale, spacing[axis])
     lr = slice_profile_subsample(hr, scale, axis, thickness, float(spacing[axis]), profile.slice_profile)
-    return AxisPair(scan.volume.subject, hr, np.clip(lr, 0.0, 1.0), **pair_geometry(scan, hr), axis=axis,
-                    across=(1 - axis,))
+    return np.clip(lr, 0.0, 1.0)
 
 
 def _centre_crop_inplane(vol: np.ndarray, scale: int) -> np.ndarray:
@@ -206,26 +219,24 @@ def _as_batch(planes: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(planes[:, None], dtype=np.float32))
 
 
-def _axial(volume: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """(X, Y, Z) -> the (X, Y) slices at ``index`` as (N, X, Y)."""
-    return np.moveaxis(volume[:, :, index], 2, 0)
-
-
-def _scored_planes(pair: AxisPair, max_slices: int) -> tuple[np.ndarray, np.ndarray]:
-    """Validation planes of an in-plane (self-supervised) pair: HR (N, A, s*L) and LR (N, A, L), the slices along
-    the fixed axis picked by :func:`client.evaluation.evaluation_slices`."""
-    hr_planes, lr_planes = pair.planes(pair.across[0])
-    index = evaluation_slices(np.moveaxis(hr_planes, 0, 2), max_slices)
-    return hr_planes[index], lr_planes[index]
+def _degraded_last(pair: AxisPair, volume: np.ndarray, max_slices: int) -> torch.Tensor:
+    """The planes of ``volume`` (HR grid) spanned by ``pair.across[0]`` and the degraded axis (last), at the
+    positions along the fixed axis that :func:`client.evaluation.evaluation_slices` picks in ``pair.hr``:
+    (N, 1, A, L)."""
+    across = pair.across[0]
+    index = evaluation_slices(np.moveaxis(pair.as_planes(pair.hr, across), 0, 2), max_slices)
+    return _as_batch(pair.as_planes(volume, across)[index])
 
 
 @dataclass(frozen=True)
 class AxisPairing(Pairing):
     """One-axis pairs at paired and self-supervised sites, sampled as planes with the degraded axis last.
 
-    Scoring: through-plane pairs (paired sites) are restored through-plane as a whole volume and scored on their
-    axial (X, Y) slices; in-plane pairs (self-supervised sites) are restored along their degraded axis and scored
-    against the original slices (the proxy). The baseline is 1D cubic interpolation along the restored axis.
+    Restoring and scoring: through-plane pairs (paired sites) are restored through-plane as a whole volume and
+    scored on their axial (X, Y) slices; in-plane pairs (self-supervised sites) are restored plane by plane along
+    their degraded axis and scored on those planes against the original slices (the proxy). The baseline is 1D
+    cubic interpolation along the restored axis. High-frequency excess is measured on planes with the degraded
+    axis last, in the band beyond the LR grid along that axis.
     """
 
     baseline_method = "cubic-1d"
@@ -242,7 +253,7 @@ class AxisPairing(Pairing):
         self, scan: SiteScan, profile: AcquisitionProfile, scale: int, rng: np.random.Generator, site: Site
     ) -> list[ScanPair]:
         """Paired site: one through-plane pair per scan. Self-supervised site: a train scan gives two in-plane
-        pairs (degraded along Y and along X), a validation scan one (along Y, the validation proxy)."""
+        pairs (degraded along Y and along X), a validation or test scan one (along Y, the proxy)."""
         if site.config.supervision == "paired":
             return [through_plane_pair(scan, profile, scale, rng)]
         _check_thick_spacing(site.config.name, scan.volume.subject, scan.volume.spacing, scale)
@@ -256,25 +267,45 @@ class AxisPairing(Pairing):
         """Distinct 2D training planes."""
         return sum(pair.num_planes for pair in _axis_pairs(pairs))
 
-    def restored(
-        self, model: nn.Module, pair: ScanPair, *, device: torch.device, max_slices: int, batch_size: int = 16
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def restore(self, model: nn.Module, pair: ScanPair, *, device: torch.device) -> np.ndarray:
+        """Through-plane pairs: the whole LR volume restored through-plane. In-plane pairs: every plane along
+        ``across[0]`` restored along the degraded axis, put back in (X, Y, Z) layout."""
         (pair,) = _axis_pairs([pair])
         if pair.axis == 2:
-            index = evaluation_slices(pair.hr, max_slices)
-            sr = _axial(super_resolve_through_plane(model, pair.lr, device=device, batch_size=batch_size), index)
-            return _as_batch(sr), _as_batch(_axial(pair.hr, index))
-        hr, lr = _scored_planes(pair, max_slices)
-        return _as_batch(super_resolve_planes(model, lr, device=device, batch_size=batch_size)), _as_batch(hr)
+            return super_resolve_through_plane(model, pair.lr, device=device)
+        across = pair.across[0]
+        planes = super_resolve_planes(model, pair.as_planes(pair.lr, across), device=device)
+        return np.ascontiguousarray(pair.from_planes(planes, across))
 
-    def baseline(self, pair: ScanPair, *, max_slices: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def interpolate(self, pair: ScanPair) -> np.ndarray:
+        """1D cubic interpolation along the degraded axis."""
+        (pair,) = _axis_pairs([pair])
+        planes = pair.as_planes(pair.lr, pair.across[0])  # the degraded axis last, as interpolate_through_plane wants
+        return np.ascontiguousarray(pair.from_planes(interpolate_through_plane(planes, pair.scale), pair.across[0]))
+
+    def acquire(
+        self, pair: ScanPair, volume: np.ndarray, profile: AcquisitionProfile, spacing: Sequence[float],
+        rng: np.random.Generator,
+    ) -> np.ndarray:
         (pair,) = _axis_pairs([pair])
         if pair.axis == 2:
-            index = evaluation_slices(pair.hr, max_slices)
-            interpolated = _axial(interpolate_through_plane(pair.lr, pair.scale), index)
-            return _as_batch(interpolated), _as_batch(_axial(pair.hr, index))
-        hr, lr = _scored_planes(pair, max_slices)
-        return _as_batch(interpolate_through_plane(lr, pair.scale)), _as_batch(hr)  # along each plane's last axis
+            return degrade_throughplane(volume, profile, pair.scale, spacing, rng)[1]  # HR grid: nothing cropped
+        return acquire_inplane(volume, profile, pair.scale, pair.axis, spacing)
+
+    def scored(self, pair: ScanPair, volume: np.ndarray, *, max_slices: int) -> torch.Tensor:
+        """Through-plane pairs: axial (X, Y) slices with anatomy. In-plane pairs: the planes with the degraded
+        axis last (the proxy's slices)."""
+        (pair,) = _axis_pairs([pair])
+        if pair.axis == 2:
+            return super().scored(pair, volume, max_slices=max_slices)
+        return _degraded_last(pair, volume, max_slices)
+
+    def excess_planes(
+        self, pair: ScanPair, volume: np.ndarray, *, max_slices: int
+    ) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Planes with the degraded axis last, coarser along it only."""
+        (pair,) = _axis_pairs([pair])
+        return _degraded_last(pair, volume, max_slices), (-1,)
 
 
 def _axis_pairs(pairs: Sequence[ScanPair]) -> list[AxisPair]:

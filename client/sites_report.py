@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from client.data.errors import SiteError, Skipped
+from client.data.nifti import is_nifti
 from client.data.site import Site, load_site
 
 
@@ -34,38 +35,64 @@ def check_site_folder(directory: Path) -> SiteReport:
 
 
 def print_site_report(console: Console, report: SiteReport, brief: bool = False) -> bool:
-    """Print the report (``brief``: one line plus the skipped files). Returns whether the site is usable."""
+    """Print the report (``brief``: one line, the test note, the skipped files). Returns whether the site is usable.
+
+    The head line gives scans and patients per split; the table names each scan's patient, except a DICOM
+    patient, which is numbered (its id is the PatientID, which this output does not show).
+    """
     if report.site is None:
         console.print(f"[red]unusable site[/]: {escape(str(report.error))}", highlight=False)
         return False
     site, config = report.site, report.site.config
-    counts = {name: len(site.split(name)) for name in ("train", "val", "test")}
     head = (
         f"site [bold]{escape(config.name)}[/] ({escape(str(report.directory))}): {config.modality}"
         f"{', ' + escape(config.scanner) if config.scanner else ''}; "
-        + ", ".join(f"{n} {name}" for name, n in counts.items())
+        + "scans (patients): "
+        + ", ".join(f"{c['scans']} ({c['patients']}) {name}" for name, c in site.split_counts().items())
         + f"; {len(report.skipped)} skipped"
     )
     console.print(head)
+    note = site.test_note()
+    if note:
+        console.print(f"  [yellow]test split[/]: {escape(note)}", highlight=False)
     if not brief:
+        patients = _patient_labels(site)
         table = Table(title=f"scans of {escape(config.name)}")
-        for column in ("subject", "split", "shape (X, Y, Z)", "spacing mm", "modality", "source"):
-            # long subjects, paths and series UIDs wrap, never cut; the short columns stay whole
-            wraps = column in ("subject", "source")
+        for column in ("subject", "patient", "split", "shape (X, Y, Z)", "spacing mm", "modality", "source"):
+            # long subjects, patients, paths and series UIDs wrap, never cut; the short columns stay whole
+            wraps = column in ("subject", "patient", "source")
             table.add_column(column, overflow="fold" if wraps else "ellipsis", no_wrap=not wraps)
         for scan in site.scans:
             volume = scan.volume
             table.add_row(
-                escape(volume.subject), scan.split, " x ".join(map(str, volume.array.shape)),
+                escape(volume.subject), escape(patients[volume.patient]), scan.split,
+                " x ".join(map(str, volume.array.shape)),
                 " x ".join(f"{s:.3g}" for s in volume.spacing), volume.modality,
                 escape(_relative(volume.source, report.directory)),
             )
         console.print(table)
         acquisition = config.acquisition or {"profile": "(modality default)"}
-        console.print(f"acquisition profile: {escape(str(acquisition))}; split seed {config.split_seed}")
+        console.print(
+            f"acquisition profile: {escape(str(acquisition))}; split seed {config.split_seed}; may share its local "
+            f"model: {_yes(config.share_local_model)}, test previews: {_yes(config.share_previews)}"
+        )
     for item in report.skipped:
         console.print(f"  [yellow]skipped[/] {escape(item.path)}: {escape(item.reason)}", highlight=False)
     return True
+
+
+def _patient_labels(site: Site) -> dict[str, str]:
+    """Patient id -> what the table shows: the id where a NIfTI scan's path or site.toml gave it, else
+    "DICOM patient <k>" (k numbers the site's other patients in scan order)."""
+    named = {scan.volume.patient for scan in site.scans if is_nifti(scan.volume.source)}
+    labels: dict[str, str] = {}
+    for patient in dict.fromkeys(scan.volume.patient for scan in site.scans):
+        labels[patient] = patient if patient in named else f"DICOM patient {len(labels.keys() - named) + 1}"
+    return labels
+
+
+def _yes(value: bool) -> str:
+    return "yes" if value else "no"
 
 
 def _relative(source: str, directory: Path) -> str:

@@ -1,4 +1,5 @@
-"""The Flower ServerApp: waits for the sites, runs FedAvg rounds, checkpoints, writes the run record.
+"""The Flower ServerApp: waits for the sites, trains the federated model(s) and the baselines, scores every model at
+every site, writes the run record and the report.
 
 The coordinator never reads an image: it builds the architecture, sends weights and round settings, and
 receives weights and numbers.
@@ -11,16 +12,23 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from server.baselines import pooled_problem, train_local_models, train_pooled_model
 from server.checkpoint import FINAL, LAST, write_global
-from server.run_log import RunRecorder, write_run_config
+from server.cross_site import cross_evaluate, write_cross_site
+from server.federation import train_federated
+from server.report import write_report
+from server.run_log import RunRecorder, file_stem, write_run_config
 from server.settings import RunSettings
-from server.strategies import FederationError, SiteFedAvg
+from server.sites import FederationError, SiteGrid, describe_sites
 from shared_models.registry import build_from_settings, family, model_spec
 
 log = logging.getLogger(__name__)
+
+#: Sub-folder of the run folder for every finished model besides the main one (final_model.pt).
+MODELS = "models"
 
 
 def build_server_app(settings: RunSettings | None = None) -> ServerApp:
@@ -65,51 +73,114 @@ def resolve_run_dir(settings: RunSettings) -> Path:
 
 
 def run_federation(grid: Grid, settings: RunSettings) -> RunRecorder:
-    """The whole run: sites -> round 0 -> ``num-rounds`` FedAvg rounds (checkpoint each) -> final model + summary."""
+    """The whole run: the sites describe themselves -> the federated model(s) (``global``, or ``holdout:SITE`` per
+    held-out site) -> the baselines (``local:SITE``, ``pooled``) -> every model scored at every site's test split ->
+    ``cross_site.json``, ``summary.json``, ``report.json`` and ``report.html``."""
     run_dir = resolve_run_dir(settings)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_config(run_dir, settings.to_config())
     recorder = RunRecorder(run_dir)
+    problem = pooled_problem(settings)
+    if problem:
+        raise FederationError(problem)
 
     model = build_from_settings(settings)  # while the sites connect
     spec = model_spec(model)
-    arrays = ArrayRecord(family(settings.model).shared_state(model, settings.family_options))
-    config = ConfigRecord(settings.round_config())
+    initial = ArrayRecord(family(settings.model).shared_state(model, settings.family_options))
     nodes = wait_for_sites(grid, settings)
-    log.info("federation of %d sites, model %s %s", len(nodes), spec["name"], spec["params"])
+    sites = describe_sites(grid, nodes, ConfigRecord(settings.round_config()), settings.round_timeout,
+                           run_dir / "messages.jsonl")
+    if len(sites.sites) < settings.required_sites:
+        raise FederationError(f"only {len(sites.sites)} site(s) could prepare their data, {settings.required_sites} "
+                              "required (min-sites); see the errors above for each failing site")
+    plan = federations(sites, settings)
+    log.info("%d sites, model %s %s; federations: %s", len(sites.sites), spec["name"], spec["params"],
+             ", ".join(plan))
 
-    strategy = SiteFedAvg(
-        recorder=recorder,
-        reference=arrays,
-        required_sites=settings.required_sites,
-        min_train_nodes=len(nodes),
-        min_evaluate_nodes=len(nodes),
-        min_available_nodes=settings.required_sites,
-    )
-    if settings.evaluate_round_zero:
-        config["server-round"] = 0
-        strategy.round_zero(grid, arrays, config, settings.round_timeout)
+    models: dict[str, ArrayRecord] = {}
+    for index, (name, members) in enumerate(plan.items()):
+        models[name] = train_federated(
+            members, settings, model, initial, recorder, experiment=name,
+            round_zero=settings.evaluate_round_zero and index == 0, checkpoint=Path(LAST) if index == 0 else None,
+        )
+        target = FINAL if index == 0 else model_file(name)
+        write_global(run_dir, model, models[name], settings=settings, normalisation=recorder.normalisation,
+                     name=target, round_=settings.num_rounds, export=True)
+    main = next(iter(plan))
+    recorder.write_summary(settings.num_rounds, main, {"model": spec})
 
-    def checkpoint(server_round: int, global_arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round > 0:
-            write_global(run_dir, model, global_arrays, settings=settings, normalisation=recorder.normalisation,
-                         name=LAST, round_=server_round)
-        return None
+    trained_on = {name: sorted(site.name for site in members.sites.values()) for name, members in plan.items()}
+    kept: tuple[str, ...] = ()
+    trainers = sites.named("baselines", [s for s in sites.sites.values() if s.name != settings.holdout_site])
+    if "local" in settings.baseline_kinds:
+        local = train_local_models(trainers.named("local"), settings, initial, recorder)
+        kept = local.kept
+        for site, arrays in local.shared.items():
+            models[f"local:{site}"] = arrays
+        trained_on.update({f"local:{site}": [site] for site in (*local.shared, *local.kept)})
+    if "pooled" in settings.baseline_kinds:
+        pooled = train_pooled_model(trainers.named("pooled"), settings, initial, recorder)
+        if pooled is not None:
+            models["pooled"] = pooled
+            trained_on["pooled"] = sorted(site.name for site in trainers.sites.values())
+    for name, arrays in models.items():
+        if name.startswith(("local:", "pooled")):
+            write_global(run_dir, model, arrays, settings=settings, normalisation=recorder.normalisation,
+                         name=model_file(name), round_=settings.num_rounds, export=True)
 
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=arrays,
-        num_rounds=settings.num_rounds,
-        timeout=settings.round_timeout,
-        train_config=config,
-        evaluate_config=config,
-        evaluate_fn=checkpoint,
-    )
-    write_global(run_dir, model, result.arrays, settings=settings, normalisation=recorder.normalisation,
-                 name=FINAL, round_=settings.num_rounds)
-    recorder.write_summary(settings.num_rounds, {"model": spec})
-    log.info("run finished: %s", run_dir)
+    results = cross_evaluate(sites.named("cross-site"), settings, models, score_own_local=bool(kept))
+    results.notes[:0] = [f"local:{site} stays at {site} (its site.toml keeps it there): scored at {site} only"
+                         for site in kept]
+    write_cross_site(run_dir, results, site_descriptions(sites, plan), model_descriptions(trained_on, kept))
+    report, page = write_report(run_dir)
+    log.info("run finished: %s (report: %s, %s)", run_dir, report, page)
     return recorder
+
+
+def model_file(name: str) -> str:
+    """Where a finished model besides the main one is saved in the run folder: ``models/local-SITE.pt`` ..."""
+    return f"{MODELS}/{file_stem(name.replace(':', '-'))}.pt"
+
+
+def federations(sites: SiteGrid, settings: RunSettings) -> dict[str, SiteGrid]:
+    """The federated models a run trains, each with its sites: ``global`` (every site) unless ``holdout-site``
+    names one (then ``holdout:SITE`` alone); with ``leave-one-out`` also ``holdout:SITE`` for every site."""
+    names = [site.name for site in sites.sites.values()]
+    if settings.holdout_site:
+        if settings.holdout_site not in names:
+            raise FederationError(f"holdout-site {settings.holdout_site!r} is not one of the sites ({', '.join(names)})"
+                                  "; use the name in its site.toml")
+        if len(names) < 2:
+            raise FederationError("holdout-site needs at least two sites: one to hold out, one to train")
+        name = f"holdout:{settings.holdout_site}"
+        return {name: sites.without(settings.holdout_site, name)}
+    plan = {"global": sites.named("global")}
+    if settings.leave_one_out:
+        if len(names) < 2:
+            raise FederationError("leave-one-out needs at least two sites")
+        plan.update({f"holdout:{name}": sites.without(name, f"holdout:{name}") for name in names})
+    return plan
+
+
+def site_descriptions(sites: SiteGrid, plan: dict[str, SiteGrid]) -> dict[str, dict]:
+    """What each site said of itself, plus whether it trained the run's main federated model."""
+    main = next(iter(plan.values()))
+    return {site.name: {**site.about, "in_federation": site.node_id in main.sites} for site in sites.sites.values()}
+
+
+def model_descriptions(trained_on: dict[str, list[str]], kept: tuple[str, ...]) -> dict[str, dict]:
+    """Kind and training sites of every model (``cross_site.json``'s ``models``)."""
+    described: dict[str, dict] = {}
+    for name, members in trained_on.items():
+        kind = name.partition(":")[0]
+        entry: dict = {"kind": {"global": "federated"}.get(kind, kind), "trained_on": members}
+        if kind == "local":
+            entry["shared"] = members[0] not in kept
+        if kind == "holdout":
+            entry["held_out"] = name.partition(":")[2]
+        described[name] = entry
+    described["interpolation"] = {"kind": "interpolation", "trained_on": []}
+    return described
 
 
 app = build_server_app()

@@ -39,16 +39,19 @@ def write_global(
     normalisation: dict[str, Any],
     name: str,
     round_: int,
+    export: bool | None = None,
 ) -> Path:
     """Save the global weights as ``run_dir/name`` with the round in its metadata.
 
     ``normalisation``: how the sites mapped their scans to [0, 1] (``{site: {"modality", "kind", "range"}}``, as
     they reported it), so that the model can be applied to a new scan, and its output mapped back, the same way.
-    The round checkpoint holds the whole model (for resuming); the final model is what the family exports (e.g. a
-    generator alone when a discriminator trained beside it: what is evaluated and applied).
+    The round checkpoint holds the whole model (for resuming); a finished model (``export``, default: the name is
+    :data:`FINAL`) is what the family exports (e.g. a generator alone when a discriminator trained beside it: what is
+    evaluated and applied).
     """
     load_global(model, arrays, settings.family_options)
-    to_save = family_of(model).export(model) if name == FINAL else model
+    (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+    to_save = family_of(model).export(model) if (name == FINAL if export is None else export) else model
     return save_checkpoint(
         run_dir / name, to_save, scale=settings.scale, normalisation=normalisation, extra={"round": round_}
     )

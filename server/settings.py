@@ -16,6 +16,10 @@ from shared_models.registry import family_options_types, model_problems
 from shared_models.settings import FamilyOptions, PlainValue, SiteSettings, setting, unknown_keys
 
 
+#: The reference models a run can train beside the federated one (``baselines``).
+BASELINES = ("local", "pooled")
+
+
 @dataclass(frozen=True)
 class RunSettings(SiteSettings):
     """Everything that shapes a federated run. Times are in seconds.
@@ -37,12 +41,26 @@ class RunSettings(SiteSettings):
                            flag="--run-dir")
     sites_dir: str = setting("", "Simulation: folder with one sub-folder per site. Default: phantom sites.",
                              flag="--sites-dir")
+    baselines: str = setting(
+        "local", "Reference models trained beside the federated one: local (each site alone, same compute), "
+        "local,pooled (plus all data pooled: simulation only) or none.", flag="--baselines",
+    )
+    holdout_site: str = setting("", "Train without this site (its site.toml name) and score it as an unseen scanner.",
+                                flag="--holdout-site")
+    leave_one_out: bool = setting(False, "Also train one federation without each site in turn and score every "
+                                  "held-out site as an unseen scanner.", flag="--leave-one-out")
     options: Mapping[str, FamilyOptions] = field(default_factory=lambda: _default_options())
 
     @property
     def required_sites(self) -> int:
         """Sites that must reply in every round for the run to go on (never more than the federation has)."""
         return min(self.min_sites, self.num_sites)
+
+    @property
+    def baseline_kinds(self) -> tuple[str, ...]:
+        """The reference models ``baselines`` asks for, a subset of :data:`BASELINES` (empty for ``none``)."""
+        words = tuple(word.strip() for word in self.baselines.split(",") if word.strip())
+        return () if words == ("none",) else words
 
     @property
     def family_options(self) -> FamilyOptions | None:
@@ -80,6 +98,13 @@ class RunSettings(SiteSettings):
     def problems(self) -> list[str]:
         problems = super().problems()
         problems += model_problems(self.model, self.model_preset, self.spatial_dims)
+        unknown = [word for word in self.baseline_kinds if word not in BASELINES]
+        if unknown or len(set(self.baseline_kinds)) != len(self.baseline_kinds):
+            problems.append(f"baselines must be 'none' or a comma-separated list of {', '.join(BASELINES)}, "
+                            f"got {self.baselines!r}")
+        if self.holdout_site and self.leave_one_out:
+            problems.append("holdout-site and leave-one-out exclude each other: leave-one-out holds out every site "
+                            "in turn")
         return problems
 
 

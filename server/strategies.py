@@ -9,25 +9,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
 from server.run_log import RunRecorder
+from server.sites import FederationError, site_about, site_name
 from server.updates import update_problem
 
 log = logging.getLogger(__name__)
-
-
-class FederationError(RuntimeError):
-    """The federation cannot go on (too few sites, no usable update); the message says what to do."""
-
-
-def site_about(msg: Message) -> dict:
-    """What a site said of itself in its reply (``name``, ``baseline``, ``normalisation``); empty for error replies."""
-    if msg.has_content() and "site" in msg.content.config_records:
-        return dict(msg.content.config_records["site"])
-    return {}
-
-
-def site_name(msg: Message) -> str:
-    """The display name a site put in its reply, or its node id when it sent none (error replies)."""
-    return str(site_about(msg).get("name", f"node-{msg.metadata.src_node_id}"))
 
 
 class SiteFedAvg(FedAvg):
@@ -37,9 +22,12 @@ class SiteFedAvg(FedAvg):
     weights (keys, shapes, float dtype, finite values, positive num-examples) before aggregation.
     """
 
-    def __init__(self, *, recorder: RunRecorder, reference: ArrayRecord, required_sites: int, **kwargs) -> None:
+    def __init__(
+        self, *, recorder: RunRecorder, reference: ArrayRecord, required_sites: int, experiment: str, **kwargs
+    ) -> None:
         super().__init__(**kwargs)
         self.recorder = recorder
+        self.experiment = experiment
         self.reference = reference
         self.required_sites = required_sites
 
@@ -68,7 +56,8 @@ class SiteFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         usable = self._usable(server_round, "train", replies)
         for msg in usable:
-            self.recorder.record(server_round, "train", site_name(msg), dict(msg.content["metrics"]), site_about(msg))
+            self.recorder.record(server_round, "train", site_name(msg), dict(msg.content["metrics"]), site_about(msg),
+                                 self.experiment)
         arrays, metrics = super().aggregate_train(server_round, usable)
         if arrays is not None:
             self.reference = arrays
@@ -78,7 +67,7 @@ class SiteFedAvg(FedAvg):
         usable = self._usable(server_round, "evaluate", replies)
         for msg in usable:
             self.recorder.record(server_round, "evaluate", site_name(msg), dict(msg.content["metrics"]),
-                                 site_about(msg))
+                                 site_about(msg), self.experiment)
         return super().aggregate_evaluate(server_round, usable)
 
     def round_zero(self, grid, arrays: ArrayRecord, config: ConfigRecord, timeout: float) -> None:

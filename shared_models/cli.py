@@ -8,6 +8,7 @@ help. A part's module is imported when one of its commands runs, never to list t
 - ``fedsr sites check DIR``: ``client.cli``, a hospital's; ``pip install fedsr``.
 - ``fedsr sites make-phantoms DIR``: ``simulation.cli``; ``pip install fedsr``.
 - ``fedsr simulate``: ``simulation.cli``; ``pip install "fedsr[simulation]"`` (Flower's simulation engine, Ray).
+- ``fedsr report RUN_DIR``: ``server.cli``, the coordinator's; ``pip install fedsr``.
 
 Adding a command is one line in :data:`COMMANDS` or :data:`SITES_COMMANDS` plus the command in its part's module
 (a ``typer.Typer`` with that one command, or a ``click.Command``). Entry point: ``fedsr = "shared_models.cli:main"``;
@@ -43,6 +44,8 @@ COMMANDS: dict[str, Lazy] = {
         "Run a whole federation on this machine with Flower's simulation engine (needs "
         + SIMULATION_EXTRA_HELP + ").",
     ),
+    "report": Lazy("server.cli:report_app",
+                   "Rebuild a run folder's report (report.json, report.html) from its stored results."),
 }
 
 #: Commands under ``fedsr sites``.

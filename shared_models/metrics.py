@@ -1,4 +1,5 @@
-"""Image-quality metrics for SR (torch): PSNR, SSIM, NRMSE, HFEN, each beside the interpolation baseline.
+"""Image-quality metrics for SR (torch): PSNR, SSIM, NRMSE, HFEN, each beside the interpolation baseline, and two
+of what a model invents: high-frequency excess and data consistency.
 
 Conventions: tensors (B, C, H, W) or (B, C, D, H, W), intensities normalised to [0, 1] (data range 1.0).
 Each metric is computed per image (over all its channels and voxels) and returned as a (B,) tensor; ``score``
@@ -9,6 +10,7 @@ NRMSE (zero HR) / HFEN (flat HR) divide by zero, so callers should skip empty ba
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from monai.metrics import PSNRMetric, SSIMMetric
 from monai.networks.layers import separable_filtering
@@ -16,7 +18,8 @@ from monai.networks.layers import separable_filtering
 from shared_models.resample import upsample_baseline
 
 __all__ = [
-    "psnr", "ssim", "nrmse", "hfen", "laplacian_of_gaussian", "upsample_baseline", "score"
+    "psnr", "ssim", "nrmse", "hfen", "laplacian_of_gaussian", "upsample_baseline", "score",
+    "high_frequency_excess", "data_consistency_error",
 ]
 
 DATA_RANGE = 1.0
@@ -115,3 +118,51 @@ _METRICS = {"psnr": psnr, "ssim": ssim, "nrmse": nrmse, "hfen": hfen}
 def score(sr: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
     """Batch means of the per-image metrics: {"psnr" (dB), "ssim", "nrmse", "hfen"}."""
     return {name: float(fn(sr, hr).mean()) for name, fn in _METRICS.items()}
+
+
+def high_frequency_excess(
+    sr: torch.Tensor, hr: torch.Tensor, scale: int, *, reduced_axes: tuple[int, ...] = (-2, -1)
+) -> torch.Tensor:
+    """Spectral energy that SR has beyond the LR band and HR lacks, relative to HR's energy there. Returns (B,).
+
+    Ours: no maintained library (MONAI, torchmetrics, skimage, piq) has a measure of invented high frequencies.
+    On (B, C, H, W) slices, per image (over all its channels), with the 2D DFT ``F`` of each slice and ``f`` the
+    frequency in cycles/pixel, the band is the frequencies beyond what the LR grid can hold: radial frequency
+    over ``reduced_axes`` (the slice axes along which LR is ``scale`` times coarser: both by default, ``(-1,)``
+    for one-axis SR) ``> 0.5 / scale``, and the value is
+    ``sum_band relu(|F_sr|^2 - |F_hr|^2) / sum_band |F_hr|^2``.
+
+    Meaning: 0 = SR puts no more energy than HR at any frequency it had to invent (SR == HR, or a smooth output
+    such as interpolation, which has less); it grows when a model adds texture or noise that the truth does not
+    have, e.g. ~ (noise energy) / (HR's high-frequency energy) for white noise. It compares each frequency bin,
+    so texture of the right power at the wrong bins counts as excess. SR is clamped to [0, 1] first, as for the
+    other metrics; an HR with no energy in the band divides by zero.
+    """
+    sr, hr = _prepare(sr, hr)
+    if sr.ndim != 4:
+        raise ValueError(f"high_frequency_excess works on (B, C, H, W) slices, got shape {tuple(sr.shape)}")
+    if isinstance(scale, bool) or int(scale) != scale or scale < 1:
+        raise ValueError(f"scale must be a positive integer, got {scale!r}")
+    if not reduced_axes or not set(reduced_axes) <= {-2, -1} or len(set(reduced_axes)) != len(reduced_axes):
+        raise ValueError(f"reduced_axes must be (-2, -1), (-2,) or (-1,), got {reduced_axes!r}")
+    frequencies = {-2: torch.fft.fftfreq(sr.shape[-2], dtype=torch.float64)[:, None],
+                   -1: torch.fft.fftfreq(sr.shape[-1], dtype=torch.float64)[None, :]}
+    radial_squared = sum(frequencies[axis] ** 2 for axis in reduced_axes)
+    band = (radial_squared > (0.5 / scale) ** 2).expand(sr.shape[-2:])
+    power_sr = torch.fft.fft2(sr).abs().square()[..., band]  # (B, C, bins in the band)
+    power_hr = torch.fft.fft2(hr).abs().square()[..., band]
+    return (power_sr - power_hr).clamp_min(0.0).flatten(1).sum(1) / power_hr.flatten(1).sum(1)
+
+
+def data_consistency_error(reacquired: np.ndarray | torch.Tensor, lr: np.ndarray | torch.Tensor) -> float:
+    """Root-mean-square difference (normalised intensity units) between an SR output acquired again with the
+    site's acquisition model and the LR input it was made from, over every LR voxel; same shapes, any rank.
+
+    An output whose re-acquisition reproduces the LR image up to its noise scores about the noise level; one that
+    invents or loses content the scanner would have seen scores more.
+    """
+    reacquired = torch.as_tensor(reacquired).double()
+    lr = torch.as_tensor(lr).double()
+    if reacquired.shape != lr.shape:
+        raise ValueError(f"re-acquired and LR shapes differ: {tuple(reacquired.shape)} vs {tuple(lr.shape)}")
+    return float((reacquired - lr).square().mean().sqrt())

@@ -49,7 +49,7 @@ DECLARED: tuple[Declared, ...] = (
 #: The settings that have a ``fedsr simulate`` flag, in declaration order.
 FLAGS: tuple[Declared, ...] = tuple(d for d in DECLARED if d.flag)
 #: Phantom scans per site when ``fedsr simulate`` writes phantom sites.
-PHANTOM_SUBJECTS = 6
+PHANTOM_SUBJECTS = 8
 SIMULATION_EXTRA = 'pip install "fedsr[simulation]"'
 #: Flower's key=value pattern (flwr.common.config.parse_config_args): text it does not match is ignored there.
 _PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
@@ -208,9 +208,12 @@ def simulate(ctx: typer.Context, **values: Any) -> None:
         summary = json.loads(summary_path.read_text())
         summary["end_to_end_seconds"] = round(time.perf_counter() - start, 3)
         atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
-        follower = follower_rows(run_dir)
+        follower = follower_rows(run_dir, main_experiment(settings))
         console.print(round_table(follower, width=console.width))
         console.print(summary_table(summary, follower.baselines()))
+        for name in ("report.html", "report.json"):
+            if (run_dir / name).exists():
+                console.print(f"{name}: {run_dir / name}", markup=False, highlight=False)
         console.print(f"run folder: {run_dir}  ({summary['end_to_end_seconds']:.0f} s)", markup=False, highlight=False)
     raise typer.Exit(code)
 
@@ -249,8 +252,7 @@ def _follow(run_dir: Path, settings: RunSettings) -> int:
     """Run the federation in a child process; show progress from metrics.jsonl; Ctrl-C stops it cleanly."""
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     log_path = run_dir / "flower.log"
-    follower = MetricsFollower(run_dir / "metrics.jsonl")
-    phases = settings.num_rounds * 2 + (1 if settings.evaluate_round_zero else 0)
+    follower = MetricsFollower(run_dir / "metrics.jsonl", main_experiment(settings))
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0")
     with log_path.open("w") as log_file:
         child = subprocess.Popen(
@@ -261,7 +263,7 @@ def _follow(run_dir: Path, settings: RunSettings) -> int:
         shown = 0
         try:
             with Progress(*columns, console=console) as progress:
-                task = progress.add_task("federation", total=phases * settings.num_sites)
+                task = progress.add_task("training", total=expected_rows(settings))
                 while child.poll() is None or follower.poll():
                     follower.poll()
                     progress.update(task, completed=len(follower.rows))
@@ -281,6 +283,23 @@ def _follow(run_dir: Path, settings: RunSettings) -> int:
         console.print(f"[red]the federation failed[/]; end of {escape(str(log_path))}:", highlight=False)
         console.print("\n".join(tail), markup=False, highlight=False)
     return child.returncode
+
+
+def main_experiment(settings: RunSettings) -> str:
+    """The run's main federated model, whose rounds the progress lines show: ``global`` or ``holdout:SITE``."""
+    return f"holdout:{settings.holdout_site}" if settings.holdout_site else "global"
+
+
+def expected_rows(settings: RunSettings) -> int:
+    """How many rows the ServerApp appends to ``metrics.jsonl`` in a run that goes well: train and evaluate per
+    round and site for each federation (round 0 once), one per local-only model and one for the pooled model."""
+    sites, rounds = settings.num_sites, settings.num_rounds
+    trainers = sites - 1 if settings.holdout_site else sites
+    rows = (2 * rounds + (1 if settings.evaluate_round_zero else 0)) * trainers
+    if settings.leave_one_out:
+        rows += sites * 2 * rounds * (sites - 1)
+    kinds = settings.baseline_kinds
+    return rows + (trainers if "local" in kinds else 0) + (1 if "pooled" in kinds else 0)
 
 
 def _print_finished_rounds(out: Console, follower: MetricsFollower, settings: RunSettings, shown: int) -> int:

@@ -27,6 +27,7 @@ import tomli_w
 from scipy import ndimage
 
 from client.degrade import PRESETS
+from shared_models.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,12 @@ HR_PSF_SIGMA_VOXELS = 0.6
 
 # Amplitude of the multiplicative fine texture per tissue (order of TISSUES).
 TEXTURE = (0.0, 0.04, 0.05, 0.01, 0.03, 0.025, 0.025, 0.04, 0.0)
+
+#: Subjects (one scan each, each its own patient) per phantom site by default, and its [split] fractions.
+#: 8 split 4 train / 1 val / 3 test: the fewest that keep the 4 training scans of the former 6 subjects and
+#: add the 3 test scans an interval needs (client.data.site.MIN_TEST_SCANS).
+SUBJECTS_PER_SITE = 8
+SPLIT_FRACTIONS = (0.5, 0.125, 0.375)
 
 
 @dataclass(frozen=True)
@@ -219,15 +226,15 @@ def render(fractions: np.ndarray, look: ScannerLook, seed: int = 0) -> np.ndarra
 def write_phantom_sites(
     out_dir: str | Path,
     n_sites: int = 3,
-    subjects_per_site: int = 6,
+    subjects_per_site: int = SUBJECTS_PER_SITE,
     shape: Sequence[int] = (96, 96, 48),
     seed: int = 0,
 ) -> list[Path]:
     """Write phantom hospital sites in the real site format.
 
     Layout: ``out_dir/site-<i>-<scanner>/sub-<NNN>.nii.gz`` (float32, 1 mm isotropic, RAS affine centred on the
-    volume) and ``site.toml`` (name, modality, scanner, ``[acquisition]`` profile + overrides, ``[split]`` seed).
-    Existing files of the same names are overwritten. Deterministic given ``seed``.
+    volume; each subject its own patient) and ``site.toml`` (see :func:`_site_toml`). Existing files of the same
+    names are overwritten. Deterministic given ``seed``.
 
     Returns:
         The site folders, in site order.
@@ -242,7 +249,8 @@ def write_phantom_sites(
     sites = [out_dir / f"site-{i + 1}-{look.slug}" for i, look in enumerate(looks)]
     for i, (site_dir, look) in enumerate(zip(sites, looks, strict=True)):
         site_dir.mkdir(parents=True, exist_ok=True)
-        (site_dir / "site.toml").write_text(_site_toml(site_dir.name, look, split_seed=int(seed) + i))
+        text = _site_toml(site_dir.name, look, split_seed=int(seed) + i).encode()
+        atomic_write(site_dir / "site.toml", lambda handle, text=text: handle.write(text))
 
     def write_subject(task: tuple[int, int]) -> None:
         i, j = task
@@ -264,7 +272,8 @@ def write_phantom_sites(
 
 
 def _site_toml(name: str, look: ScannerLook, split_seed: int) -> str:
-    """The ``site.toml`` text of a phantom site: name, modality, scanner, ``[acquisition]``, ``[split]`` seed.
+    """The ``site.toml`` text of a phantom site: name, modality, scanner, consent to share its local model and
+    test previews (simulated data: no patient to protect), ``[acquisition]``, ``[split]`` seed and fractions.
 
     Numeric acquisition overrides are written as floats (mm, noise fractions), string ones as they are.
     """
@@ -276,8 +285,10 @@ def _site_toml(name: str, look: ScannerLook, split_seed: int) -> str:
             "name": name,
             "modality": "MR",
             "scanner": look.scanner,
+            "share_local_model": True,
+            "share_previews": True,
             "acquisition": acquisition,
-            "split": {"seed": int(split_seed)},
+            "split": {"seed": int(split_seed), "fractions": list(SPLIT_FRACTIONS)},
         }
     )
 

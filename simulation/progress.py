@@ -25,10 +25,12 @@ COLUMN_GAP = 2
 
 
 class MetricsFollower:
-    """Reads new lines of ``metrics.jsonl`` as the ServerApp appends them and groups them by round."""
+    """Reads new lines of ``metrics.jsonl`` as the ServerApp appends them and groups the rows of one ``experiment``
+    (the run's main federated model: ``global``, or ``holdout:SITE``) by round; ``rows`` has every row."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, experiment: str = "global") -> None:
         self.path = path
+        self.experiment = experiment
         self.offset = 0
         self.rows: list[dict] = []
         self.rounds: dict[int, dict[str, dict[str, dict]]] = defaultdict(lambda: {"train": {}, "evaluate": {}})
@@ -44,7 +46,8 @@ class MetricsFollower:
         self.offset += len(complete.encode("utf-8"))
         new = [json.loads(line) for line in complete.splitlines() if line.strip()]
         for row in new:
-            self.rounds[row["round"]][row["phase"]][row["site"]] = row
+            if row.get("experiment", "global") == self.experiment:
+                self.rounds[row["round"]][row["phase"]][row["site"]] = row
         self.rows.extend(new)
         return new
 
@@ -57,9 +60,9 @@ class MetricsFollower:
         return {row["site"]: row["baseline"] for row in self.rows if row["phase"] == "evaluate" and "baseline" in row}
 
 
-def follower_rows(run_dir: Path) -> MetricsFollower:
+def follower_rows(run_dir: Path, experiment: str = "global") -> MetricsFollower:
     """All of a run folder's ``metrics.jsonl``, read at once."""
-    follower = MetricsFollower(run_dir / "metrics.jsonl")
+    follower = MetricsFollower(run_dir / "metrics.jsonl", experiment)
     follower.poll()
     return follower
 

@@ -13,7 +13,7 @@ import pytest
 
 from client.data.dicom import read_dicom_files, read_dicom_folder
 from client.data.errors import ScanError, SiteError, SitesFolderError
-from client.data.nifti import read_nifti
+from client.data.nifti import bids_subject, nifti_scan_id, read_nifti
 from client.data.normalise import Normalisation, fit_normalisation
 from client.data.volume import Volume, validate_volume
 from client.state import StateError
@@ -64,6 +64,31 @@ def test_nifti_is_reoriented_to_closest_canonical(tmp_path):
     # the same voxel is at the same place in the world before and after
     assert volume.affine @ [0, 0, 0, 1] == pytest.approx(affine @ [19, 0, 0, 1])
     assert nib.aff2axcodes(volume.affine) == ("R", "A", "S")
+
+
+@pytest.mark.parametrize(
+    ("scan_id", "subject"),
+    [
+        ("sub-01/ses-2/anat/sub-01_ses-2_T1w", "sub-01"),
+        ("study/sub-A7/anat/T1w", "sub-A7"),  # the folder, whatever the file is called
+        ("sub-07_T2w", "sub-07"),
+        ("sub-07", "sub-07"),
+        ("anat/sub-3_run-1_T1w", "sub-3"),
+        ("head1", None),
+        ("subject-01/scan", None),
+        ("sub-01-old/scan", None),  # not a BIDS label (letters and digits only)
+        ("sub-_T1w", None),
+    ],
+)
+def test_bids_subject_of_a_scan_id(scan_id, subject):
+    assert bids_subject(scan_id) == subject
+
+
+def test_nifti_scan_id_is_the_path_below_the_site_without_suffix(tmp_path):
+    assert nifti_scan_id(tmp_path / "sub-01" / "anat" / "x.nii.gz", tmp_path) == "sub-01/anat/x"
+    assert nifti_scan_id(tmp_path / "Head.NII", tmp_path) == "Head"
+    volume = read_nifti(DATA / "mri" / "colin27_t1_1mm.nii.gz")
+    assert volume.subject == volume.patient == "colin27_t1_1mm"  # read alone, a scan is its own patient
 
 
 def test_2d_nifti_is_refused_unless_allowed(tmp_path):
@@ -182,6 +207,13 @@ def test_series_in_nested_folders_and_split_across_folders(tmp_path, make):
     assert volume.source == f"{tmp_path / 'site' / 'patient'}#{written.uid}"
 
 
+def test_series_of_one_patient_share_the_patient_id(tmp_path, make):
+    a = make.series(tmp_path / "a", make.stored((20, 20, 3), seed=1))  # the writer's PatientID is "TEST"
+    b = make.series(tmp_path / "b", make.stored((20, 20, 3), seed=2))
+    volumes, _ = read_dicom_folder(tmp_path)
+    assert {v.subject: v.patient for v in volumes} == {a.uid: "TEST", b.uid: "TEST"}
+
+
 def test_enhanced_multiframe_uses_per_frame_positions(tmp_path, make):
     written = make.multiframe(tmp_path / "enhanced.dcm", make.stored((28, 26, 8), seed=4))
     (volume,), skipped = read_dicom_files([tmp_path / "enhanced.dcm"])
@@ -245,6 +277,17 @@ def test_series_with_mixed_image_sizes_is_skipped_naming_the_series(tmp_path, ma
     assert volumes == []
     assert skipped.path == f"{tmp_path / 's'}#{written.uid}"
     assert "mixed series" in skipped.reason and "image size" in skipped.reason
+
+
+def test_series_mixing_patient_ids_is_skipped_without_showing_them(tmp_path, make):
+    written = make.series(tmp_path / "s", make.stored((20, 20, 4)))
+    other = pydicom.dcmread(written.files[0])
+    other.PatientID = "SOMEONE-ELSE"
+    other.save_as(written.files[0])
+    volumes, (skipped,) = read_dicom_folder(tmp_path / "s")
+    assert volumes == []
+    assert "mixed series" in skipped.reason and "PatientID" in skipped.reason
+    assert "SOMEONE-ELSE" not in skipped.reason and "TEST" not in skipped.reason
 
 
 def test_series_with_two_images_per_position_is_skipped(tmp_path, make):

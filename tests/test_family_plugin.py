@@ -95,7 +95,7 @@ def test_a_new_family_trains_through_one_federated_round(plugin, tmp_path):
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
     )
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    trained = [r for r in rows if r["phase"] == "train" and r["round"] == 1]
+    trained = [r for r in rows if r["phase"] == "train" and r["round"] == 1 and r["experiment"] == "global"]
     assert sorted(r["site"] for r in trained) == sorted(p.name for p in sites)
     assert all(r["train-patches"] == 3 * 2 for r in trained)
     model, meta = load_checkpoint(tmp_path / "run" / "final_model.pt")

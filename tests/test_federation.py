@@ -90,7 +90,7 @@ def test_a_wrong_shaped_update_is_rejected_and_named(federation):
     corrupted = names[2]
     rejections = [m for m in log if "rejected" in m]
     assert len(rejections) == 2 and all(corrupted in m and "shape" in m for m in rejections)
-    trained = {(r["round"], r["site"]) for r in rows if r["phase"] == "train"}
+    trained = {(r["round"], r["site"]) for r in rows if r["phase"] == "train" and r["experiment"] == "global"}
     assert trained == {(r, n) for r in (1, 2) for n in names[:2]}
 
 

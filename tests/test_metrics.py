@@ -156,3 +156,49 @@ def test_every_loss_term_works_in_3d() -> None:
 def test_build_loss_rejects_bad_specs(weights: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build_loss(weights)
+
+
+def _numpy_high_frequency_excess(
+    sr: np.ndarray, hr: np.ndarray, scale: int, reduced_axes: tuple[int, ...]
+) -> np.ndarray:
+    """The formula, independently: per image (B, C, H, W) -> (B,), numpy FFT and frequency grid."""
+    f_h, f_w = np.meshgrid(np.fft.fftfreq(hr.shape[-2]), np.fft.fftfreq(hr.shape[-1]), indexing="ij")
+    radius = np.sqrt((f_h**2 if -2 in reduced_axes else 0.0) + (f_w**2 if -1 in reduced_axes else 0.0))
+    band = radius > 0.5 / scale
+    power_sr = np.abs(np.fft.fft2(np.clip(sr, 0.0, 1.0))) ** 2
+    power_hr = np.abs(np.fft.fft2(hr)) ** 2
+    excess = np.where(band, np.maximum(power_sr - power_hr, 0.0), 0.0).sum(axis=(1, 2, 3))
+    return excess / np.where(band, power_hr, 0.0).sum(axis=(1, 2, 3))
+
+
+@pytest.mark.parametrize("scale, reduced_axes", [(2, (-2, -1)), (4, (-2, -1)), (2, (-1,)), (4, (-2,))])
+def test_high_frequency_excess_matches_the_formula(scale: int, reduced_axes: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(scale)
+    hr = ndimage.gaussian_filter(rng.random((3, 2, 17, 24)), (0, 0, 1.0, 1.0))  # smooth: little high frequency
+    sr = hr + 0.05 * rng.standard_normal(hr.shape)  # some of it out of [0, 1]: clamped first
+    ours = metrics.high_frequency_excess(torch.from_numpy(sr), torch.from_numpy(hr), scale, reduced_axes=reduced_axes)
+    assert ours.shape == (3,)
+    np.testing.assert_allclose(ours.numpy(), _numpy_high_frequency_excess(sr, hr, scale, reduced_axes), rtol=1e-10)
+    assert (ours > 0.2).all()
+    same = metrics.high_frequency_excess(torch.from_numpy(hr), torch.from_numpy(hr), scale)
+    assert torch.equal(same, torch.zeros(3, dtype=same.dtype))
+
+
+def test_high_frequency_excess_rejects_bad_arguments() -> None:
+    image = torch.rand(1, 1, 16, 16)
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        metrics.high_frequency_excess(torch.rand(1, 1, 8, 8, 8), torch.rand(1, 1, 8, 8, 8), 2)
+    with pytest.raises(ValueError, match="reduced_axes"):
+        metrics.high_frequency_excess(image, image, 2, reduced_axes=(0,))
+    with pytest.raises(ValueError, match="scale"):
+        metrics.high_frequency_excess(image, image, 0)
+
+
+def test_data_consistency_error_is_the_rms_difference() -> None:
+    rng = np.random.default_rng(3)
+    reacquired, lr = rng.random((8, 9, 5)), rng.random((8, 9, 5))
+    expected = np.sqrt(np.mean((reacquired - lr) ** 2))
+    assert metrics.data_consistency_error(reacquired, lr) == pytest.approx(expected, rel=1e-12)
+    assert metrics.data_consistency_error(torch.from_numpy(lr), lr) == 0.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        metrics.data_consistency_error(reacquired, lr[:-1])

@@ -13,8 +13,18 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
+from client.data.site import MIN_TEST_SCANS, load_site
 from client.degrade import profile_from_config
-from simulation.phantoms import LOOKS, TISSUES, make_phantom, render, site_look, write_phantom_sites
+from simulation.cli import PHANTOM_SUBJECTS
+from simulation.phantoms import (
+    LOOKS,
+    SUBJECTS_PER_SITE,
+    TISSUES,
+    make_phantom,
+    render,
+    site_look,
+    write_phantom_sites,
+)
 
 SHAPE = (96, 96, 48)
 
@@ -87,7 +97,7 @@ def test_default_sites_are_named_by_scanner(sites: list[Path]) -> None:
 def test_site_scans_are_float32_1mm_ras_nifti(sites: list[Path]) -> None:
     for site in sites:
         scans = sorted(site.glob("*.nii.gz"))
-        assert [p.name for p in scans] == [f"sub-{j:03d}.nii.gz" for j in range(1, 7)]
+        assert [p.name for p in scans] == [f"sub-{j:03d}.nii.gz" for j in range(1, SUBJECTS_PER_SITE + 1)]
         img = nib.load(scans[0])
         assert img.shape == SHAPE and img.get_data_dtype() == np.float32
         assert img.header.get_zooms() == (1.0, 1.0, 1.0)
@@ -105,8 +115,20 @@ def test_site_toml_parses_and_profiles_differ(sites: list[Path]) -> None:
         assert config["name"] == site.name and config["modality"] == "MR"
         assert config["scanner"] in {"Siemens 3T", "GE 1.5T", "Philips 3T"}
         assert isinstance(config["split"]["seed"], int)
+        assert config["share_local_model"] is True and config["share_previews"] is True  # simulated: no patient
         profiles.append(profile_from_config(config["acquisition"], config["modality"]))
     assert len(set(profiles)) == len(profiles)
+
+
+def test_default_phantom_sites_hold_out_enough_test_scans_for_an_interval(sites: list[Path]) -> None:
+    assert PHANTOM_SUBJECTS == SUBJECTS_PER_SITE  # `fedsr simulate` writes the sites measured here
+    for site_dir in sites:
+        site = load_site(site_dir)
+        counts = site.split_counts()
+        assert counts["test"]["scans"] >= MIN_TEST_SCANS >= 3, counts
+        assert counts["train"]["scans"] >= 4 and counts["val"]["scans"] >= 1, counts
+        assert site.test_note() is None
+        assert site.config.share_local_model and site.config.share_previews
 
 
 def test_more_sites_than_looks_are_distinct(tmp_path: Path) -> None:

@@ -47,7 +47,10 @@ def test_every_declared_flag_is_a_simulate_option_with_its_help_and_default():
     for declared in FLAGS:
         assert declared.flag in result.output, declared.flag
         assert declared.help in result.output, declared.help
-        if declared.default != "":
+        if declared.kind is bool:  # typer shows a switch's default by its name
+            switch = declared.flag if declared.default else f"--no-{declared.flag.removeprefix('--')}"
+            assert f"[default: {switch.removeprefix('--')}]" in result.output, declared.key
+        elif declared.default != "":
             assert f"[default: {declared.default}]" in result.output, declared.key
         if declared.choices:
             assert "[" + "|".join(map(str, declared.choices)) + "]" in result.output, declared.key
@@ -65,7 +68,8 @@ def non_default_values(tmp_path: Path) -> dict:
         "eval-max-slices": 5, "num-rounds": 9, "num-sites": 4, "min-sites": 3, "evaluate-round-zero": False,
         "node-wait-seconds": 12.5, "round-timeout": 99.0, "run-dir": str(tmp_path / "run"),
         "sites-dir": str(tmp_path / "sites"), "gan.discriminator": "local", "gan.warmup-rounds": 2,
-        "gan.adversarial-weight": 0.01,
+        "gan.adversarial-weight": 0.01, "baselines": "local,pooled", "holdout-site": "site-b",
+        "leave-one-out": False,  # excludes holdout-site: checked on its own below
     }
 
 
@@ -80,9 +84,11 @@ def test_run_config_reaches_the_settings_for_every_declared_key(tmp_path):
     values = non_default_values(tmp_path)
     defaults = RunSettings().to_config()
     assert set(values) == set(defaults), "add a non-default value for each new run-config key here"
-    assert all(values[key] != defaults[key] for key in values)
+    assert all(values[key] != defaults[key] for key in values if key != "leave-one-out")
     settings = settings_from_command_line({}, toml_pairs(values))
     assert settings.to_config() == values
+    loo = settings_from_command_line({}, toml_pairs({**values, "holdout-site": "", "leave-one-out": True}))
+    assert loo.leave_one_out is True
     for key, value in settings.round_config().items():  # what travels to the sites is what was given
         assert value == values[key], key
     gan = settings_from_command_line({}, toml_pairs({"model": "gan", "model-preset": "tiny",

@@ -6,13 +6,16 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
+from rich.console import Console
 
 from client.data.errors import SiteError, SitesFolderError
 from client.data.files import site_folders
 from client.data.site import Site, discover, load_site
 from client.data.siteconfig import SiteConfig, load_site_config
 from client.data.split import explicit_split, split_subjects
+from client.sites_report import check_site_folder, print_site_report
 from tests.conftest import DATA
 
 COLIN = DATA / "mri" / "colin27_t1_1mm.nii.gz"
@@ -75,7 +78,9 @@ def test_mixed_ct_site_loads_good_scans_and_skips_bad_files_with_reasons(tmp_pat
         assert 0.0 <= scan.image.min() and scan.image.max() <= 1.0
     in_splits = [scan.volume.subject for name in ("train", "val", "test") for scan in site.split(name)]
     assert sorted(in_splits) == sorted(subjects)  # each scan in exactly one split
-    assert [len(site.split(name)) for name in ("train", "val", "test")] == [3, 1, 1]
+    # The writer gives every series PatientID "TEST": the three series are one patient, in one split.
+    assert len({by_subject[written.uid].split for written in (one, two, three)}) == 1
+    assert [site.split_counts()[name]["patients"] for name in ("train", "val", "test")] == [1, 1, 1]
 
 
 def test_mr_site_with_site_toml_explicit_split_and_foreign_modality(tmp_path, make):
@@ -124,13 +129,13 @@ def test_repeated_subject_id_is_skipped(tmp_path, make):
     assert "subject id 'scan' is already used" in skipped.reason
 
 
-def test_one_subject_site_is_both_train_and_val(tmp_path, make, caplog):
+def test_one_patient_site_is_both_train_and_val(tmp_path, make, caplog):
     make.nifti(tmp_path / "only.nii.gz", _hu_volume((20, 20, 5), 0))
     with caplog.at_level(logging.WARNING):
         site = load_site(tmp_path)
     assert [s.volume.subject for s in site.split("train")] == ["only"] == [s.volume.subject for s in site.split("val")]
     assert site.split("train")[0].image is site.split("val")[0].image
-    assert "only one subject" in caplog.text
+    assert "only one patient" in caplog.text
     with pytest.raises(ValueError, match="unknown split"):
         site.split("validation")
 
@@ -179,6 +184,21 @@ def test_defaults_without_site_toml(tmp_path):
     assert (config.modality, config.supervision) == ("MR", "paired")
     assert (config.split_seed, config.split_fractions, config.split_subjects) == (0, (0.6, 0.2, 0.2), None)
     assert config.ct_window == (-160.0, 240.0) and config.mr_percentiles == (0.5, 99.5)
+    assert (config.share_local_model, config.share_previews, config.subject_map) == (False, False, {})
+
+
+@pytest.mark.parametrize(
+    ("text", "local_model", "previews"),
+    [
+        ("share_local_model = true\nshare_previews = true\n", True, True),
+        ("share_previews = true\n", False, True),
+        ("share_local_model = true\nshare_previews = false\n", True, False),
+    ],
+)
+def test_consent_keys_parse_as_booleans(tmp_path, text, local_model, previews):
+    (tmp_path / "site.toml").write_text(text)
+    config = load_site_config(tmp_path)
+    assert (config.share_local_model, config.share_previews) == (local_model, previews)
 
 
 @pytest.mark.parametrize(
@@ -193,9 +213,14 @@ def test_defaults_without_site_toml(tmp_path):
         ("[split]\nseed = true\n", "seed must be an integer"),
         ("[split]\nfractions = [0.5, 0.2, 0.2]\n", "summing to 1"),
         ('[split]\nfractions = [0.6, 0.2, 0.2]\ntest = ["a"]\n', "both fractions and subject lists"),
-        ('[split]\nval = ["a"]\ntest = ["a"]\n', "subject 'a' is in both val and test"),
+        ('[split]\nval = ["a"]\ntest = ["a"]\n', "patient 'a' is in both val and test"),
         ("[normalisation]\nct_window = [240, -160]\n", "two increasing numbers"),
         ('acquisition = "mr-3t"\n', "acquisition must be a table"),
+        ('share_local_model = "yes"\n', "share_local_model must be true or false"),
+        ("share_previews = 1\n", "share_previews must be true or false"),
+        ('subject = "sub-01"\n', "subject must be a table"),
+        ('[subject]\n"sub-01/anat/sub-01_T1w" = 1\n', "[subject] 'sub-01/anat/sub-01_T1w' must map to a patient id"),
+        ('[subject]\n"a" = ""\n', "[subject] 'a' must map to a patient id"),
     ],
 )
 def test_bad_site_toml_names_the_file_and_the_problem(tmp_path, text, problem):
@@ -206,20 +231,14 @@ def test_bad_site_toml_names_the_file_and_the_problem(tmp_path, text, problem):
     assert problem in caught.value.problem
 
 
-@pytest.mark.parametrize(
-    ("text", "key", "why"),
-    [
-        ("[privacy]\nepsilon = 8.0\n", "[privacy]", "differential privacy is not built yet"),
-        ("share_previews = false\n", "share_previews", "nothing leaves a site but weights and numbers"),
-    ],
-)
-def test_site_toml_keys_of_features_not_built_are_refused(tmp_path, text, key, why):
-    (tmp_path / "site.toml").write_text(f'name = "a"\n{text}')
+def test_site_toml_keys_of_features_not_built_are_refused(tmp_path):
+    (tmp_path / "site.toml").write_text('name = "a"\n[privacy]\nepsilon = 8.0\n')
     with pytest.raises(SiteError) as caught:
         load_site_config(tmp_path)
     assert caught.value.path == str(tmp_path / "site.toml")
-    assert f"{key} is not available" in caught.value.problem and why in caught.value.problem
-    assert caught.value.hint.startswith(f"remove {key}")
+    assert "[privacy] is not available" in caught.value.problem
+    assert "differential privacy is not built yet" in caught.value.problem
+    assert caught.value.hint.startswith("remove [privacy]")
 
 
 def test_bad_site_toml_stops_load_site(tmp_path, make):
@@ -312,3 +331,170 @@ def test_explicit_split_sends_unlisted_subjects_to_train(caplog):
         parts = explicit_split(["a", "b", "c", "d"], {"val": ["b"], "test": ["d", "ghost"]})
     assert parts == {"train": ["a", "c"], "val": ["b"], "test": ["d"]}
     assert "ghost" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- patients
+
+
+def _set_patient_id(series, patient_id: str | None) -> None:
+    """Rewrite the PatientID of every file of a written series (None: remove the tag)."""
+    for path in series.files:
+        ds = pydicom.dcmread(path)
+        if patient_id is None:
+            del ds.PatientID
+        else:
+            ds.PatientID = patient_id
+        ds.save_as(path, enforce_file_format=True)
+
+
+def _patients_by_split(site: Site) -> dict[str, set[str]]:
+    """Every patient -> the splits its scans are in."""
+    found: dict[str, set[str]] = {}
+    for scan in site.scans:
+        found.setdefault(scan.volume.patient, set()).add(scan.split)
+    return found
+
+
+def test_every_series_of_a_dicom_patient_lands_in_its_patients_split_for_every_seed(tmp_path, make, caplog):
+    site_dir = tmp_path / "st-luke"
+    series_per_patient = {"PAT-A": 2, "PAT-B": 2, "PAT-C": 1, "PAT-D": 1, "PAT-E": 1}
+    patient_of_series = {}
+    for k, (patient, count) in enumerate(sorted(series_per_patient.items())):
+        for j in range(count):
+            written = make.series(site_dir / f"p{k}" / f"s{j}", make.stored((20, 20, 3), seed=10 * k + j))
+            _set_patient_id(written, patient)
+            patient_of_series[written.uid] = patient
+    splits_of_a = set()
+    for seed in range(6):
+        (site_dir / "site.toml").write_text(f"[split]\nseed = {seed}\n")
+        with caplog.at_level(logging.DEBUG):
+            site = load_site(site_dir)
+        assert {scan.volume.subject: scan.volume.patient for scan in site.scans} == patient_of_series
+        by_patient = _patients_by_split(site)
+        assert all(len(splits) == 1 for splits in by_patient.values()), (seed, by_patient)
+        counts = site.split_counts()
+        assert [counts[name]["patients"] for name in ("train", "val", "test")] == [3, 1, 1]
+        assert sum(c["scans"] for c in counts.values()) == len(patient_of_series)
+        splits_of_a |= by_patient["PAT-A"]
+    assert len(splits_of_a) > 1  # the seeds do move the patient: the check above is not vacuous
+    assert "PAT-" not in caplog.text  # PatientIDs are never logged, at any level
+
+
+def test_split_lists_name_dicom_patients_not_their_series(tmp_path, make):
+    a1, a2, b, c = (make.series(tmp_path / f"s{k}", make.stored((20, 20, 3), seed=k)) for k in range(4))
+    for written, patient in ((a1, "PAT-A"), (a2, "PAT-A"), (b, "PAT-B"), (c, "PAT-C")):
+        _set_patient_id(written, patient)
+    (tmp_path / "site.toml").write_text('[split]\ntest = ["PAT-A"]\nval = ["PAT-B"]\n')
+    site = load_site(tmp_path)
+    assert sorted(scan.volume.subject for scan in site.split("test")) == sorted([a1.uid, a2.uid])
+    (tmp_path / "site.toml").write_text(f'[split]\ntest = ["{a1.uid}"]\n')
+    with pytest.raises(SiteError) as caught:
+        load_site(tmp_path)
+    assert caught.value.path == str(tmp_path / "site.toml")
+    assert f"[split] test lists the scan '{a1.uid}', not its patient" in caught.value.problem
+    assert "the lists name patients" in caught.value.problem
+    assert "DICOM PatientID" in caught.value.hint and "PAT-A" not in str(caught.value)  # the id stays on site
+
+
+def test_a_dicom_series_without_patient_id_is_its_own_patient(tmp_path, make):
+    named = make.series(tmp_path / "a", make.stored((20, 20, 3), seed=1))
+    _set_patient_id(named, "PAT-A")
+    empty = make.series(tmp_path / "b", make.stored((20, 20, 3), seed=2))
+    _set_patient_id(empty, "  ")
+    missing = make.series(tmp_path / "c", make.stored((20, 20, 3), seed=3))
+    _set_patient_id(missing, None)
+    volumes, skipped = discover(tmp_path)
+    assert skipped == []
+    patients = {v.subject: v.patient for v in volumes}
+    assert patients == {named.uid: "PAT-A", empty.uid: empty.uid, missing.uid: missing.uid}
+
+
+def test_subject_table_groups_nifti_scans_and_warns_of_keys_naming_no_scan(tmp_path, make, caplog):
+    for k, name in enumerate(("scans/a1", "scans/a2", "b", "c", "d")):
+        make.nifti(tmp_path / f"{name}.nii.gz", _hu_volume((20, 20, 4), k))
+    mapping = '[subject]\n"scans/a1" = "alice"\n"scans/a2" = "alice"\n"scans/gone.nii.gz" = "bob"\n'
+    splits_of_alice = set()
+    for seed in range(6):
+        (tmp_path / "site.toml").write_text(f"{mapping}[split]\nseed = {seed}\n")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            site = load_site(tmp_path)
+        assert site.config.subject_map == {"scans/a1": "alice", "scans/a2": "alice", "scans/gone.nii.gz": "bob"}
+        by_patient = _patients_by_split(site)
+        assert sorted(by_patient) == ["alice", "b", "c", "d"]
+        assert all(len(splits) == 1 for splits in by_patient.values()), (seed, by_patient)
+        splits_of_alice |= by_patient["alice"]
+        warning = next(r.getMessage() for r in caplog.records if "[subject]" in r.getMessage())
+        assert str(tmp_path / "site.toml") in warning and "scans/gone.nii.gz" in warning and "alice" not in warning
+    assert len(splits_of_alice) > 1
+
+    (tmp_path / "site.toml").write_text(f'{mapping}[split]\nval = ["alice"]\ntest = ["b"]\n')
+    site = load_site(tmp_path)
+    assert sorted(scan.volume.subject for scan in site.split("val")) == ["scans/a1", "scans/a2"]
+    (tmp_path / "site.toml").write_text(f'{mapping}[split]\nval = ["scans/a1"]\n')
+    with pytest.raises(SiteError) as caught:
+        load_site(tmp_path)
+    assert caught.value.path == str(tmp_path / "site.toml")
+    assert "[split] val lists the scan 'scans/a1', not its patient" in caught.value.problem
+    assert caught.value.hint == "list 'alice' instead of 'scans/a1'"
+
+
+def test_bids_folders_and_file_prefixes_group_scans_by_subject_label(tmp_path, make):
+    patients = {
+        "sub-01/anat/sub-01_run-1_T1w": "sub-01",
+        "sub-01/anat/sub-01_run-2_T1w": "sub-01",
+        "sub-02/ses-1/anat/sub-02_ses-1_T1w": "sub-02",
+        "sub-02/ses-2/anat/sub-02_ses-2_T1w": "sub-02",
+        "sub-03_T1w": "sub-03",
+        "sub-03_T2w": "sub-03",
+        "sub-04/anat/sub-04_T1w": "sub-01",  # site.toml's [subject] wins over the folder
+        "head1": "head1",
+    }
+    for k, scan in enumerate(patients):
+        make.nifti(tmp_path / f"{scan}.nii.gz", _hu_volume((20, 20, 4), k))
+    (tmp_path / "site.toml").write_text('[subject]\n"sub-04/anat/sub-04_T1w" = "sub-01"\n')
+    site = load_site(tmp_path)
+    assert {scan.volume.subject: scan.volume.patient for scan in site.scans} == patients
+    assert all(len(splits) == 1 for splits in _patients_by_split(site).values())
+    assert sum(c["patients"] for c in site.split_counts().values()) == len(set(patients.values()))
+
+
+@pytest.mark.parametrize(
+    ("scans", "toml", "counts", "note"),
+    [
+        (["sub-01_run-1", "sub-01_run-2"], "", [(2, 1), (2, 1), (0, 0)],
+         "1 patient: a site needs at least 3 patients to hold out a test split"),
+        (["sub-01", "sub-02"], "", [(1, 1), (1, 1), (0, 0)],
+         "2 patients: a site needs at least 3 patients to hold out a test split"),
+        (["sub-01", "sub-02", "sub-03"], "", [(1, 1), (1, 1), (1, 1)],
+         "only 1 test scan: an interval needs at least 3"),
+        (["sub-01", "sub-02", "sub-03", "sub-04"], "[split]\nfractions = [0.5, 0.5, 0.0]\n", [(2, 2), (2, 2), (0, 0)],
+         "no test scans: the [split] of site.toml holds out no patient for testing"),
+        ([f"sub-0{p}_run-{r}" for p in (1, 2, 3) for r in (1, 2, 3)], "", [(3, 1), (3, 1), (3, 1)], None),
+    ],
+)
+def test_split_counts_and_test_note_by_number_of_patients(tmp_path, make, scans, toml, counts, note):
+    for k, scan in enumerate(scans):
+        make.nifti(tmp_path / f"{scan}.nii.gz", _hu_volume((20, 20, 4), k))
+    (tmp_path / "site.toml").write_text(toml)
+    site = load_site(tmp_path)
+    found = site.split_counts()
+    assert [(found[name]["scans"], found[name]["patients"]) for name in ("train", "val", "test")] == counts
+    assert site.test_note() == note
+
+
+def test_sites_check_shows_patients_per_split_and_the_test_note_but_no_patient_id(tmp_path, make):
+    for k, patient in enumerate(("PAT-A", "PAT-A", "PAT-B")):
+        _set_patient_id(make.series(tmp_path / f"s{k}", make.stored((20, 20, 3), seed=k)), patient)
+    make.nifti(tmp_path / "sub-07" / "anat" / "sub-07_T1w.nii.gz", _hu_volume((20, 20, 4), 0))
+    (tmp_path / "site.toml").write_text('share_previews = true\n[split]\ntest = ["PAT-A"]\nval = ["sub-07"]\n')
+    console = Console(width=250, record=True)
+    assert print_site_report(console, check_site_folder(tmp_path))
+    out = console.export_text()
+    site = load_site(tmp_path)
+    counts = ", ".join(f"{c['scans']} ({c['patients']}) {name}" for name, c in site.split_counts().items())
+    assert counts == "1 (1) train, 1 (1) val, 2 (1) test"
+    assert f"scans (patients): {counts}" in out
+    assert f"test split: {site.test_note()}" in out and "only 2 test scans" in out
+    assert "DICOM patient 1" in out and "DICOM patient 2" in out and "sub-07" in out and "PAT-" not in out
+    assert "may share its local model: no, test previews: yes" in out

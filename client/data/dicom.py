@@ -1,5 +1,8 @@
 """DICOM reader: files -> series (by SeriesInstanceUID) -> volumes stacked along the slice normal.
 
+A volume's ``subject`` is its SeriesInstanceUID; its ``patient`` is the PatientID (the series UID when the
+tag is absent or empty), so that the site splits by patient. PatientID is never written to a log or a message.
+
 Geometry follows DICOM PS3.3 C.7.6.2.1.1: ImageOrientationPatient gives the direction of a row (increasing
 column index) and of a column (increasing row index) in patient LPS; ImagePositionPatient is the centre of the
 first pixel; PixelSpacing is (between rows, between columns). Volumes come out as X = column index, Y = row
@@ -44,6 +47,7 @@ class _Slice:
     path: Path
     frame: int  # frame index within the file (0 for single-frame files)
     series_uid: str
+    patient_id: str  # PatientID, stripped; "" when absent or empty
     instance_uid: str  # SOPInstanceUID, or the path when the file has none
     modality: str
     pixels: np.ndarray  # float32 (Rows, Columns), rescaled to scanner units
@@ -127,6 +131,7 @@ def _read_file(path: Path) -> list[_Slice]:
             path=path,
             frame=k,
             series_uid=series_uid,
+            patient_id=str(ds.get("PatientID", "") or "").strip(),
             instance_uid=str(ds.get("SOPInstanceUID", "")) or str(path),
             modality=modality,
             pixels=_rescaled(ds, k, frame),
@@ -319,6 +324,8 @@ def _mismatch(a: _Slice, b: _Slice) -> str | None:
         return "orientation (ImageOrientationPatient)"
     if a.modality != b.modality:
         return f"modality ({a.modality} and {b.modality})"
+    if a.patient_id != b.patient_id:
+        return "PatientID (values not shown: they identify patients)"
     return None
 
 
@@ -358,6 +365,7 @@ def _stack(uid: str, slices: list[_Slice]) -> Volume:
         modality=first.modality,
         source=source,
         subject=uid,
+        patient=first.patient_id or uid,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from os import PathLike
 from pathlib import Path
 
@@ -12,6 +13,9 @@ from client.data.errors import ScanError
 from client.data.volume import Volume, spacing_from_affine
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+#: A BIDS subject entity, ``sub-<label>`` (label: letters and digits), as a folder name or a file-name prefix.
+_BIDS_FOLDER = re.compile(r"sub-[A-Za-z0-9]+")
+_BIDS_FILE = re.compile(r"(sub-[A-Za-z0-9]+)(?:_|$)")
 
 
 def is_nifti(path: str | PathLike[str]) -> bool:
@@ -26,6 +30,27 @@ def nifti_stem(path: str | PathLike[str]) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def nifti_scan_id(path: str | PathLike[str], site_dir: str | PathLike[str]) -> str:
+    """A NIfTI scan's id: its path below ``site_dir`` without the suffix, ``/``-separated (``sub-01/anat/x``)."""
+    path = Path(path)
+    return (path.relative_to(site_dir).parent / nifti_stem(path)).as_posix()
+
+
+def bids_subject(scan_id: str) -> str | None:
+    """The BIDS subject (``sub-<label>``) of a scan id (a ``/``-separated path without suffix), or None.
+
+    The outermost folder named ``sub-<label>`` wins, else the file name's ``sub-<label>_`` prefix:
+    ``sub-01/ses-2/anat/sub-01_ses-2_T1w`` -> ``sub-01``; ``sub-07_T2w`` -> ``sub-07``; ``head1`` -> None.
+    (A pattern, not pybids: that library indexes a whole dataset and its JSON sidecars to read one entity.)
+    """
+    *folders, name = scan_id.split("/")
+    for folder in folders:
+        if _BIDS_FOLDER.fullmatch(folder):
+            return folder
+    match = _BIDS_FILE.match(name)
+    return match.group(1) if match else None
 
 
 def read_nifti(path: str | PathLike[str], modality: str = "MR", *, allow_2d: bool = False) -> Volume:

@@ -1,9 +1,10 @@
-"""A site folder -> validated scans, normalised to [0, 1], each assigned to train, val or test by subject."""
+"""A site folder -> validated scans, normalised to [0, 1], each assigned to train, val or test by patient."""
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from os import PathLike
 from pathlib import Path
@@ -13,17 +14,21 @@ import numpy as np
 from client.data.dicom import read_dicom_files
 from client.data.errors import ScanError, SiteError, Skipped
 from client.data.files import SITE_CONFIG_NAME, list_scan_files
-from client.data.nifti import is_nifti, nifti_stem, read_nifti
+from client.data.nifti import bids_subject, is_nifti, nifti_scan_id, read_nifti
 from client.data.normalise import Normalisation, fit_normalisation
 from client.data.siteconfig import SiteConfig, load_site_config
 from client.data.split import SPLITS, explicit_split, split_subjects
 from client.data.volume import Volume, validate_volume
 from client.degrade import profile_from_config
 
-__all__ = ["Site", "SiteScan", "Skipped", "discover", "load_site"]
+__all__ = ["MIN_TEST_SCANS", "Site", "SiteScan", "Skipped", "discover", "load_site"]
 
 log = logging.getLogger(__name__)
 
+#: Test scans a site needs before its test scores get an interval; fewer and :meth:`Site.test_note` says why.
+MIN_TEST_SCANS = 3
+#: Patients the fraction split needs to hold out a test patient (train and val take one each first).
+_MIN_PATIENTS_TO_TEST = 3
 _FOLDER_HINT = "check the path (the SuperNode's site-dir node config, or the simulation's sites folder)"
 
 
@@ -43,7 +48,8 @@ class SiteScan:
 
 @dataclass
 class Site:
-    """A loaded site. ``scans`` are in source order; a site with one subject lists it twice (train and val)."""
+    """A loaded site. ``scans`` are in source order; a site with one patient lists its scans twice (train and
+    val). Every scan of a patient is in its patient's split."""
 
     directory: Path
     config: SiteConfig
@@ -56,12 +62,40 @@ class Site:
             raise ValueError(f"unknown split {name!r}: use one of {', '.join(SPLITS)}")
         return [scan for scan in self.scans if scan.split == name]
 
+    def split_counts(self) -> dict[str, dict[str, int]]:
+        """{"train" | "val" | "test": {"scans": n, "patients": m}}: counts only, no patient id."""
+        counts = {}
+        for name in SPLITS:
+            scans = self.split(name)
+            counts[name] = {"scans": len(scans), "patients": len({scan.volume.patient for scan in scans})}
+        return counts
 
-def discover(site_dir: str | PathLike[str], modality: str | None = None) -> tuple[list[Volume], list[Skipped]]:
+    def test_note(self) -> str | None:
+        """Why this site's test scores are missing or have no interval (a line for reports), or None when its
+        test split holds at least :data:`MIN_TEST_SCANS` scans."""
+        n_test = self.split_counts()["test"]["scans"]
+        if n_test >= MIN_TEST_SCANS:
+            return None
+        if n_test:
+            return f"only {n_test} test scan{'s' if n_test > 1 else ''}: an interval needs at least {MIN_TEST_SCANS}"
+        patients = len({scan.volume.patient for scan in self.scans})
+        if patients < _MIN_PATIENTS_TO_TEST:
+            return (
+                f"{patients} patient{'s' if patients > 1 else ''}: a site needs at least {_MIN_PATIENTS_TO_TEST} "
+                "patients to hold out a test split"
+            )
+        return "no test scans: the [split] of site.toml holds out no patient for testing"
+
+
+def discover(
+    site_dir: str | PathLike[str], modality: str | None = None, subject_map: Mapping[str, str] | None = None
+) -> tuple[list[Volume], list[Skipped]]:
     """Every usable volume under ``site_dir`` (recursive) and every file or series skipped, with its reason.
 
-    NIfTI files (.nii, .nii.gz) are read as single scans (subject = path below ``site_dir`` without the suffix);
-    every other file is tried as DICOM, grouped into series by SeriesInstanceUID (subject = that UID).
+    NIfTI files (.nii, .nii.gz) are read as single scans (subject = path below ``site_dir`` without the suffix;
+    patient = ``subject_map[subject]``, else the BIDS ``sub-<label>`` of the path, else the subject); a
+    ``subject_map`` key naming no NIfTI file is logged as a warning. Every other file is tried as DICOM, grouped
+    into series by SeriesInstanceUID (subject = that UID, patient = PatientID, else the UID).
     Hidden files and folders, ``site.toml`` and README* are ignored silently.
     ``modality``: the site's modality; None = that of most DICOM series, else "MR". NIfTI scans get it, and
     DICOM series of another modality are skipped (one site, one modality).
@@ -72,13 +106,17 @@ def discover(site_dir: str | PathLike[str], modality: str | None = None) -> tupl
     files = list_scan_files(directory)
     volumes, skipped = read_dicom_files([path for path in files if not is_nifti(path)])
     site_modality = modality or _most_common_modality(volumes) or "MR"
-    for path in filter(is_nifti, files):
+    nifti_files = [(nifti_scan_id(path, directory), path) for path in files if is_nifti(path)]
+    subject_map = subject_map or {}
+    _warn_unmatched_subjects(directory, subject_map, {scan_id for scan_id, _ in nifti_files})
+    for scan_id, path in nifti_files:
         try:
             volume = read_nifti(path, site_modality)
         except ScanError as error:
             skipped.append(Skipped.from_error(error))
             continue
-        volumes.append(replace(volume, subject=(path.relative_to(directory).parent / nifti_stem(path)).as_posix()))
+        patient = subject_map.get(scan_id) or bids_subject(scan_id) or scan_id
+        volumes.append(replace(volume, subject=scan_id, patient=patient))
     usable: list[Volume] = []
     sources_by_subject: dict[str, str] = {}
     for volume in volumes:
@@ -96,38 +134,70 @@ def discover(site_dir: str | PathLike[str], modality: str | None = None) -> tupl
 
 
 def load_site(site_dir: str | PathLike[str]) -> Site:
-    """Load a site folder: config, usable scans normalised to [0, 1], split by subject, and what was skipped.
+    """Load a site folder: config, usable scans normalised to [0, 1], split by patient, and what was skipped.
 
     Raises :class:`SiteError` when the folder is missing, not a folder, empty or has no usable scan, or when
-    its site.toml is invalid.
+    its site.toml is invalid (a ``[split]`` list naming a scan of a patient instead of the patient included).
     """
     directory = _existing_folder(site_dir)
     config = load_site_config(directory)
-    volumes, skipped = discover(directory, config.modality if config.modality_source == "site.toml" else None)
+    declared = config.modality if config.modality_source == "site.toml" else None
+    volumes, skipped = discover(directory, declared, config.subject_map)
     if not volumes:
         raise SiteError(directory, *_nothing_usable(skipped))
     dicom_modalities = [volume.modality for volume in volumes if not is_nifti(volume.source)]
     if config.modality_source != "site.toml" and dicom_modalities:
         config = replace(config, modality=dicom_modalities[0], modality_source="dicom")
     _check_acquisition(directory, config)
-    subjects = [volume.subject for volume in volumes]
-    if config.split_subjects is not None:
-        parts = explicit_split(subjects, config.split_subjects)
-    else:
-        parts = split_subjects(subjects, config.split_fractions, config.split_seed)
+    parts = _split_patients(directory, config, volumes)
     scans = []
     for volume in volumes:
         normalisation = fit_normalisation(volume, config.ct_window, config.mr_percentiles)
         image = normalisation.apply(volume.array)
         scans.extend(
-            SiteScan(volume, image, normalisation, name) for name in SPLITS if volume.subject in parts[name]
+            SiteScan(volume, image, normalisation, name) for name in SPLITS if volume.patient in parts[name]
         )
+    site = Site(directory=directory, config=config, scans=scans, skipped=skipped)
     log.info(
         "site %s (%s, %s): %s; %d skipped",
         config.name, directory, config.modality,
-        ", ".join(f"{len(parts[name])} {name}" for name in SPLITS), len(skipped),
+        ", ".join(f"{c['scans']} {name} ({c['patients']} patients)" for name, c in site.split_counts().items()),
+        len(skipped),
     )
-    return Site(directory=directory, config=config, scans=scans, skipped=skipped)
+    return site
+
+
+def _split_patients(directory: Path, config: SiteConfig, volumes: list[Volume]) -> dict[str, list[str]]:
+    """Patient ids by split: site.toml's ``[split]`` lists when given, else its fractions and seed."""
+    patients = sorted({volume.patient for volume in volumes})
+    if config.split_subjects is None:
+        return split_subjects(patients, config.split_fractions, config.split_seed)
+    scans_by_id = {volume.subject: volume for volume in volumes}
+    for name, listed in config.split_subjects.items():
+        for entry in listed:
+            volume = scans_by_id.get(entry)
+            if entry in patients or volume is None:
+                continue
+            # A DICOM patient id is the PatientID: messages can leave the site, so it is not written out.
+            patient = repr(volume.patient) if is_nifti(volume.source) else "its DICOM PatientID"
+            raise SiteError(
+                directory / SITE_CONFIG_NAME,
+                f"[split] {name} lists the scan {entry!r}, not its patient: the lists name patients (every scan "
+                "of a patient goes to its patient's split)",
+                f"list {patient} instead of {entry!r}",
+            )
+    return explicit_split(patients, config.split_subjects)
+
+
+def _warn_unmatched_subjects(directory: Path, subject_map: Mapping[str, str], scan_ids: set[str]) -> None:
+    """Log the ``[subject]`` keys that name no NIfTI scan of the site (a typo, or a scan since removed)."""
+    unmatched = sorted(set(subject_map) - scan_ids)
+    if unmatched:
+        log.warning(
+            "%s: [subject] names scans that are not in the site: %s. A key is a NIfTI scan id as `fedsr sites "
+            "check` lists it: the path below the site folder, without .nii or .nii.gz",
+            directory / SITE_CONFIG_NAME, ", ".join(unmatched),
+        )
 
 
 def _check_acquisition(directory: Path, config: SiteConfig) -> None:

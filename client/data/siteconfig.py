@@ -6,14 +6,20 @@ Example ``site.toml`` (every key optional)::
     modality = "MR"                # "MR" | "CT"; default: the DICOM series' modality, else "MR"
     scanner = "Siemens Prisma 3T"
     supervision = "paired"         # "paired" | "self"
+    share_local_model = false      # may the model trained on this site alone leave it, to be scored at the others
+    share_previews = false         # may small example crops of this site's test scans go into the run's report
 
     [acquisition]                  # passed as is to client.degrade.profile_from_config
     profile = "mr-3t-kspace"
 
-    [split]
+    [subject]                      # NIfTI scan id (as `fedsr sites check` lists it) -> patient
+    "sub-01/anat/sub-01_run-1_T1w" = "sub-01"
+    "sub-01/anat/sub-01_run-2_T1w" = "sub-01"
+
+    [split]                        # by patient: every scan of a patient goes to its patient's split
     seed = 0
-    fractions = [0.6, 0.2, 0.2]    # train, val, test
-    # or name the subjects (NIfTI file stem, or DICOM SeriesInstanceUID); unlisted subjects go to train:
+    fractions = [0.6, 0.2, 0.2]    # train, val, test (shares of the patients)
+    # or name the patients; unlisted patients go to train:
     # val = ["sub-03"]
     # test = ["sub-04", "sub-05"]
 
@@ -21,8 +27,10 @@ Example ``site.toml`` (every key optional)::
     ct_window = [-160.0, 240.0]    # HU mapped to [0, 1]
     mr_percentiles = [0.5, 99.5]   # % of foreground voxels mapped to [0, 1]
 
-Keys of features not built yet (``[privacy]``, ``share_previews``) are refused rather than ignored, so that no
-site believes a protection is on when it is not.
+A scan's patient: for DICOM its PatientID (else its SeriesInstanceUID); for NIfTI its ``[subject]`` entry, else
+the BIDS ``sub-<label>`` folder or file-name prefix, else the scan itself.
+Keys of features not built yet (``[privacy]``) are refused rather than ignored, so that no site believes a
+protection is on when it is not.
 """
 
 from __future__ import annotations
@@ -39,16 +47,15 @@ from client.data.files import SITE_CONFIG_NAME
 from client.data.split import SPLITS
 from client.data.volume import MODALITIES
 
-_TOP_KEYS = ("name", "modality", "scanner", "supervision", "acquisition", "split", "normalisation")
+_TOP_KEYS = (
+    "name", "modality", "scanner", "supervision", "share_local_model", "share_previews",
+    "acquisition", "subject", "split", "normalisation",
+)
 #: Keys of features not built yet: (problem, what to do). Refused, so that nothing is accepted that does nothing.
 _NOT_BUILT = {
     "privacy": (
         "[privacy] is not available: differential privacy is not built yet",
         "remove [privacy]; fedsr trains without DP",
-    ),
-    "share_previews": (
-        "share_previews is not available: nothing leaves a site but weights and numbers (previews are not built)",
-        "remove share_previews",
     ),
 }
 _SPLIT_KEYS = ("seed", "fractions", *SPLITS)
@@ -63,8 +70,12 @@ class SiteConfig:
     ``modality_source``: where ``modality`` came from: "site.toml", "dicom" (the site's series) or "default".
     ``supervision``: "paired" (HR scans; LR is synthesised from them) or "self" (only thick-slice scans: the
     site trains the self-supervised ``smore`` model from its own in-plane resolution).
-    ``split_fractions``: (train, val, test), summing to 1. ``split_subjects``: explicit subject lists by split
-    name ("train", "val", "test"), or None to split by fractions with ``split_seed``.
+    ``share_local_model``: whether this site's local-only baseline model may leave the site to be scored at the
+    other sites. ``share_previews``: whether small example crops of its test scans may go into the run's report.
+    Both default to False: nothing but weights of the federated model and numbers leaves without consent.
+    ``subject_map``: NIfTI scan id -> patient id (``[subject]``), the scans' grouping for the split.
+    ``split_fractions``: (train, val, test) shares of the patients, summing to 1. ``split_subjects``: explicit
+    patient lists by split name ("train", "val", "test"), or None to split by fractions with ``split_seed``.
     ``ct_window``: HU (lo, hi) mapped to [0, 1]. ``mr_percentiles``: (lo, hi) in % of foreground voxels.
     ``acquisition`` is the raw table, checked by its consumer (:func:`client.degrade.profile_from_config`).
     """
@@ -74,7 +85,10 @@ class SiteConfig:
     modality_source: str = "default"
     scanner: str = ""
     supervision: str = "paired"
+    share_local_model: bool = False
+    share_previews: bool = False
     acquisition: dict[str, Any] = field(default_factory=dict)
+    subject_map: dict[str, str] = field(default_factory=dict)
     split_seed: int = 0
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
     split_subjects: dict[str, tuple[str, ...]] | None = None
@@ -123,7 +137,10 @@ def parse_site_config(data: dict[str, Any], path: str | PathLike[str], default_n
         modality_source="site.toml" if "modality" in data else "default",
         scanner=check.string(data, "scanner", ""),
         supervision=supervision,
+        share_local_model=check.boolean(data, "share_local_model"),
+        share_previews=check.boolean(data, "share_previews"),
         acquisition=check.table(data, "acquisition"),
+        subject_map=check.subject_map(check.table(data, "subject")),
         split_seed=check.integer(split, "seed", 0),
         split_fractions=check.fractions(split),
         split_subjects=check.subject_lists(split),
@@ -157,9 +174,13 @@ class _Checker:
 
     def _typed(self, data: dict[str, Any], key: str, kind: type, what: str, default: Any) -> Any:
         value = data.get(key, default)
-        if not isinstance(value, kind) or isinstance(value, bool):  # TOML true/false is not an integer
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):  # bool subclasses int
             self.fail(f"{key} must be {what}, got {value!r}", f"fix the value of {key}")
         return value
+
+    def boolean(self, data: dict[str, Any], key: str) -> bool:
+        """A consent switch: TOML ``true`` or ``false`` (never a string or number), default False."""
+        return self._typed(data, key, bool, "true or false (no quotes)", False)
 
     def string(self, data: dict[str, Any], key: str, default: str | None = None) -> str:
         return self._typed(data, key, str, "a string", default)
@@ -190,6 +211,16 @@ class _Checker:
             )
         return float(value[0]), float(value[1]), float(value[2])
 
+    def subject_map(self, table: dict[str, Any]) -> dict[str, str]:
+        """``[subject]``: scan id -> patient id, every value a non-empty string."""
+        for scan, patient in table.items():
+            if not (isinstance(patient, str) and patient.strip()):
+                self.fail(
+                    f"[subject] {scan!r} must map to a patient id (a non-empty string), got {patient!r}",
+                    f'write e.g. "{scan}" = "sub-01"',
+                )
+        return dict(table)
+
     def subject_lists(self, split: dict[str, Any]) -> dict[str, tuple[str, ...]] | None:
         named = {name: split[name] for name in SPLITS if name in split}
         if not named:
@@ -200,12 +231,12 @@ class _Checker:
         for name, subjects in named.items():
             if not (isinstance(subjects, list) and all(isinstance(s, str) for s in subjects)):
                 self.fail(
-                    f"[split] {name} must be a list of subject ids (strings), got {subjects!r}",
+                    f"[split] {name} must be a list of patient ids (strings), got {subjects!r}",
                     f'write e.g. {name} = ["sub-01"]',
                 )
             for subject in subjects:
                 if seen.setdefault(subject, name) != name:
-                    self.fail(f"[split] subject {subject!r} is in both {seen[subject]} and {name}", "keep one")
+                    self.fail(f"[split] patient {subject!r} is in both {seen[subject]} and {name}", "keep one")
         return {name: tuple(named.get(name, [])) for name in SPLITS}
 
 

@@ -1,4 +1,8 @@
-"""Train / validation / test assignment by subject (one scan), never by slice, so no scan leaks across splits."""
+"""Train / validation / test assignment by patient, never by scan or slice: every scan of a patient goes to its
+patient's split, so no patient's anatomy is both trained on and tested on.
+
+Patient ids can be DICOM PatientIDs: the logs here give counts, and name only ids that a site.toml wrote.
+"""
 
 from __future__ import annotations
 
@@ -13,22 +17,23 @@ SPLITS = ("train", "val", "test")
 
 
 def split_subjects(
-    subjects: Sequence[str], fractions: tuple[float, float, float] = (0.6, 0.2, 0.2), seed: int = 0
+    patients: Sequence[str], fractions: tuple[float, float, float] = (0.6, 0.2, 0.2), seed: int = 0
 ) -> dict[str, list[str]]:
-    """Shuffle the subjects with ``seed`` and cut them by ``fractions`` (train, val, test).
+    """Shuffle the patients with ``seed`` and cut them by ``fractions`` (train, val, test).
 
-    Deterministic: depends only on the set of subjects, the fractions and the seed (not on input order).
-    With >= 2 subjects, val and train get at least one each (test gives way first). With one subject it is
-    both train and val (a warning is logged), since a site cannot be validated otherwise.
-    Returns {"train": [...], "val": [...], "test": [...]}, each sorted. ValueError on repeated subjects.
+    Deterministic: depends only on the set of patients, the fractions and the seed (not on input order).
+    With >= 2 patients, val and train get at least one each (test gives way first), so a test split needs
+    >= 3 patients. With one patient it is both train and val (a warning is logged), since a site cannot be
+    validated otherwise. Returns {"train": [...], "val": [...], "test": [...]}, each sorted.
+    ValueError on repeated patients.
     """
-    unique = sorted(set(subjects))
-    if len(unique) != len(subjects):
-        raise ValueError(f"subject ids must be unique, got repeats in {sorted(subjects)}")
+    unique = sorted(set(patients))
+    if len(unique) != len(patients):
+        raise ValueError(f"patient ids must be unique, got {len(patients) - len(unique)} repeats")
     n = len(unique)
     if n <= 1:
         if n == 1:
-            log.warning("only one subject (%s): it is used for both training and validation", unique[0])
+            log.warning("only one patient: its scans are used for both training and validation, none for testing")
         return {"train": list(unique), "val": list(unique), "test": []}
     order = np.random.default_rng(seed).permutation(n)
     n_val = min(max(1, _rounded(n * fractions[1])), n - 1)
@@ -42,25 +47,25 @@ def split_subjects(
     return {name: sorted(parts[name]) for name in SPLITS}
 
 
-def explicit_split(subjects: Sequence[str], lists: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
-    """Assign subjects by name: ``lists`` maps "train" / "val" / "test" to subject ids.
+def explicit_split(patients: Sequence[str], lists: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """Assign patients by name: ``lists`` maps "train" / "val" / "test" to patient ids (site.toml's [split]).
 
-    Subjects in no list go to train (logged); listed ids that are not present are logged as warnings.
-    Returns {"train": [...], "val": [...], "test": [...]}, each sorted.
+    Patients in no list go to train (their number is logged); listed ids that are not present are logged as
+    warnings. Returns {"train": [...], "val": [...], "test": [...]}, each sorted.
     """
-    present = set(subjects)
-    assignment = {subject: name for name in SPLITS for subject in lists.get(name, ())}
+    present = set(patients)
+    assignment = {patient: name for name in SPLITS for patient in lists.get(name, ())}
     missing = sorted(set(assignment) - present)
     if missing:
-        log.warning("split lists name subjects that are not in the site: %s", ", ".join(missing))
-    unlisted = sorted(present - set(assignment))
+        log.warning("split lists name patients that are not in the site: %s", ", ".join(missing))
+    unlisted = len(present - set(assignment))
     if unlisted:
-        log.info("subjects in no split list go to train: %s", ", ".join(unlisted))
+        log.info("%d patients in no split list go to train", unlisted)
     parts: dict[str, list[str]] = {name: [] for name in SPLITS}
-    for subject in sorted(present):
-        parts[assignment.get(subject, "train")].append(subject)
+    for patient in sorted(present):
+        parts[assignment.get(patient, "train")].append(patient)
     if not parts["val"]:
-        log.warning("the split lists leave no subject for validation")
+        log.warning("the split lists leave no patient for validation")
     return parts
 
 

@@ -20,7 +20,11 @@ class Volume:
     ``affine``: (4, 4) float64, voxel index (i, j, k, 1) -> world mm, RAS+.
     ``modality``: "MR" or "CT". ``source``: the file; for a DICOM series of several files, the folder holding
     them + "#" + SeriesInstanceUID.
-    ``subject``: the scan id used for splitting (file stem, or SeriesInstanceUID).
+    ``subject``: the scan id: a NIfTI file's stem (in a site: its path below the site folder, no suffix), or
+    the SeriesInstanceUID.
+    ``patient``: the grouping key of the train/val/test split: every scan of a patient lands in one split.
+    For DICOM it is the PatientID, so it never leaves the site and is never logged; "" (the default) means
+    the scan is its own patient (``patient`` is then set to ``subject``).
     """
 
     array: np.ndarray
@@ -29,8 +33,11 @@ class Volume:
     modality: str
     source: str
     subject: str
+    patient: str = ""
 
     def __post_init__(self) -> None:
+        if not self.patient:
+            object.__setattr__(self, "patient", self.subject)  # frozen: the one place the default is filled
         if self.array.ndim != 3 or self.array.dtype != np.float32:
             raise ValueError(
                 f"{self.source}: array must be float32 (X, Y, Z), not {self.array.dtype} {self.array.shape}"

@@ -5,12 +5,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from client.pairs import PreparedSite
+from client.state import site_state_dir
 from shared_models.registry import family
 from shared_models.settings import FamilyOptions, SiteSettings
 
@@ -19,9 +21,13 @@ from shared_models.settings import FamilyOptions, SiteSettings
 class RoundJob(SiteSettings):
     """One round's instructions at a site: the :class:`SiteSettings` the coordinator sent, typed and checked, plus
     the round number, the family's options, the torch device the site resolved and the SuperNode's node config
-    (``state-dir``, ``device``, ``site-dir``: the site's own, never the coordinator's)."""
+    (``state-dir``, ``device``, ``site-dir``: the site's own, never the coordinator's).
+
+    ``purpose``: which model the job trains, "" for the federated one, else a baseline's name (``local-baseline``,
+    ``pooled``): state a family keeps between rounds (a local discriminator) is kept apart per purpose."""
 
     server_round: int = 0
+    purpose: str = ""
     options: FamilyOptions | None = None
     torch_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     node_config: Mapping[str, Any] = field(default_factory=dict)
@@ -44,6 +50,13 @@ class RoundJob(SiteSettings):
         )
 
 
+    def state_folder(self, site_dir: Path) -> Path:
+        """The site's state folder for this job's purpose (created on first use; see client.state)."""
+        folder = site_state_dir(self.node_config, site_dir) / self.purpose
+        folder.mkdir(exist_ok=True)
+        return folder
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """What a local training call sends back: the weights that leave the site and scalar metrics."""
@@ -62,6 +75,12 @@ class LocalTask(ABC):
     @abstractmethod
     def train(self, model: nn.Module, weights: dict[str, torch.Tensor], site: PreparedSite, job: RoundJob) -> TrainResult:
         """Local training from the coordinator's ``weights``; returns what leaves the site."""
+
+    @abstractmethod
+    def train_alone(
+        self, model: nn.Module, weights: dict[str, torch.Tensor], site: PreparedSite, job: RoundJob, rounds: int
+    ) -> TrainResult:
+        """A baseline: ``rounds`` rounds of local training from ``weights`` with nothing averaged in between."""
 
     @abstractmethod
     def evaluate(

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from client.pairs import BatchSource, PreparedSite
-from client.state import StateError, load_state, save_state_atomic, site_state_dir
+from client.state import StateError, load_state, save_state_atomic
 from client.tasks.base import RoundJob
 from client.tasks.supervised import SupervisedTask, round_seed
 from shared_models.gan import DISCRIMINATOR_PREFIX, GANPair, GanOptions, PatchDiscriminator
@@ -106,7 +106,7 @@ class GanTask(SupervisedTask):
         local = adversarial and options.discriminator == "local"
         optimiser_state, state_path = None, None
         if local:
-            state_path = discriminator_state_path(site_state_dir(job.node_config, site.directory), pair)
+            state_path = discriminator_state_path(job.state_folder(site.directory), pair)
             restored = _restore_discriminator(pair, site, state_path)
             if restored is None or int(restored["round"]) >= job.server_round:
                 # No file yet, or one from another run (rounds only grow within a run; a resumed run goes on).

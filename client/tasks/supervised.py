@@ -50,9 +50,29 @@ class SupervisedTask(LocalTask):
 
     def train(self, model: nn.Module, weights: dict[str, torch.Tensor], site: PreparedSite, job: RoundJob) -> TrainResult:
         self.load_global(model, weights, site, job)
+        return self._result(model, site, job, self._round(model, site, job))
+
+    def train_alone(
+        self, model: nn.Module, weights: dict[str, torch.Tensor], site: PreparedSite, job: RoundJob, rounds: int
+    ) -> TrainResult:
+        """Rounds 1..``rounds`` exactly as the federation runs them at this site (same seeds, patches, steps and
+        optimiser restarts), with no averaging in between: the same compute, alone. ``train-seconds`` is the total;
+        the other statistics are the last round's."""
+        self.load_global(model, weights, site, job)
+        seconds = 0.0
+        for server_round in range(1, rounds + 1):
+            stats = self._round(model, site, job.replace(server_round=server_round))
+            seconds += stats.get("train-seconds", 0.0)
+        return self._result(model, site, job, {**stats, "train-seconds": seconds})
+
+    def _round(self, model: nn.Module, site: PreparedSite, job: RoundJob) -> dict[str, float]:
+        """One round of local training with the round's seed."""
         seed = round_seed(site, job)
         torch.manual_seed(seed)
-        stats = self.fit(model, site, job, np.random.default_rng(seed))
+        return self.fit(model, site, job, np.random.default_rng(seed))
+
+    def _result(self, model: nn.Module, site: PreparedSite, job: RoundJob, stats: dict[str, float]) -> TrainResult:
+        """The weights that leave the site (the family's ``shared_state``) with ``num-examples`` and ``stats``."""
         shared = family_of(model).shared_state(model, job.options)
         metrics = {"num-examples": site.pairing.num_examples(site.train), **stats}
         return TrainResult({k: v.detach().cpu() for k, v in shared.items()}, metrics)
