@@ -46,7 +46,10 @@ def write_real_sites(data: Path, out: Path) -> Path:
             affine[:3, 3] = image.affine[:3, :3] @ np.array([0, 0, start]) + image.affine[:3, 3]
             nib.save(nib.Nifti1Image(volume[:, :, start : start + SLAB], affine), site / f"slab-{i}.nii.gz")
         (site / "site.toml").write_text(
-            f'name = "{name}"\nmodality = "{modality}"\n\n[acquisition]\n{acquisition}\n\n'
+            f'name = "{name}"\nmodality = "{modality}"\n'
+            "share_local_model = true  # public volumes: the local-only model and example crops may leave the site\n"
+            "share_previews = true\n\n"
+            f"[acquisition]\n{acquisition}\n\n"
             f'[split]\nval = ["slab-2"]\ntest = ["slab-0"]\n\n{extra}'
         )
     return out

@@ -1,7 +1,11 @@
-"""The Flower ClientApp: one hospital. Message handlers only; the work lives in client.tasks.
+"""The Flower ClientApp: one hospital. Message handlers only; the work lives in client.tasks and client.cross_site.
 
-What leaves the site: model weights and scalar metrics (plus the site's display name). A site's data path
-comes from its own node config (``--node-config "site-dir='/data/site'"``), never from the coordinator.
+Messages: ``train`` / ``evaluate`` (a federated round), ``query.describe`` (what the report shows of the site),
+``train.local`` (its local-only baseline), ``train.pooled`` (simulation only: the pooled baseline) and
+``evaluate.cross`` (every model of the run on the site's test split, once, after training).
+What leaves the site: model weights and numbers (plus its display name and description); its local-only model and
+example crops only when its site.toml consents. A site's data path comes from its own node config
+(``--node-config "site-dir='/data/site'"``), never from the coordinator.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The Flower ServerApp: waits for the sites, trains the federated model(s) and the baselines, scores every model at
 every site, writes the run record and the report.
 
-The coordinator never reads an image: it builds the architecture, sends weights and round settings, and
-receives weights and numbers.
+The coordinator never reads a scan: it builds the architecture, sends weights and round settings, and receives
+weights and numbers (and example crops only from sites whose site.toml consents).
 """
 
 from __future__ import annotations

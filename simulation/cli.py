@@ -39,7 +39,9 @@ from server.settings import RunSettings
 from shared_models.losses import loss_from_spec
 from shared_models.registry import family_options_types
 from shared_models.settings import Declared, SiteSettings
-from simulation.progress import MetricsFollower, follower_rows, round_line, round_table, summary_table
+from simulation.progress import (
+    MetricsFollower, cross_site_table, follower_rows, round_line, round_table, summary_table,
+)
 
 console = Console()
 #: Every run-config key's declaration: the run settings, then each model family's options (``family.option``).
@@ -211,6 +213,8 @@ def simulate(ctx: typer.Context, **values: Any) -> None:
         follower = follower_rows(run_dir, main_experiment(settings))
         console.print(round_table(follower, width=console.width))
         console.print(summary_table(summary, follower.baselines()))
+        if (run_dir / "report.json").exists():
+            console.print(cross_site_table(json.loads((run_dir / "report.json").read_text())))
         for name in ("report.html", "report.json"):
             if (run_dir / name).exists():
                 console.print(f"{name}: {run_dir / name}", markup=False, highlight=False)
@@ -266,7 +270,7 @@ def _follow(run_dir: Path, settings: RunSettings) -> int:
                 task = progress.add_task("training", total=expected_rows(settings))
                 while child.poll() is None or follower.poll():
                     follower.poll()
-                    progress.update(task, completed=len(follower.rows))
+                    progress.update(task, completed=len(follower.rows), description=current_part(run_dir))
                     shown = _print_finished_rounds(progress.console, follower, settings, shown)
                     time.sleep(0.5)
                 follower.poll()
@@ -283,6 +287,23 @@ def _follow(run_dir: Path, settings: RunSettings) -> int:
         console.print(f"[red]the federation failed[/]; end of {escape(str(log_path))}:", highlight=False)
         console.print("\n".join(tail), markup=False, highlight=False)
     return child.returncode
+
+
+def current_part(run_dir: Path) -> str:
+    """What the run is doing now, from the last message the coordinator sent (``messages.jsonl``): ``global``,
+    ``holdout:SITE``, ``local`` / ``pooled`` (the baselines) or ``cross-site`` (the final evaluation)."""
+    path = run_dir / "messages.jsonl"
+    if not path.exists():
+        return "starting"
+    with path.open("rb") as handle:
+        handle.seek(max(0, path.stat().st_size - 4096))
+        lines = handle.read().decode("utf-8", errors="replace").splitlines()
+    for line in reversed(lines):
+        try:
+            return str(json.loads(line)["part"])
+        except (ValueError, KeyError):
+            continue  # a partly written or cut line
+    return "starting"
 
 
 def main_experiment(settings: RunSettings) -> str:

@@ -141,6 +141,33 @@ def summary_table(summary: Mapping, baselines: Mapping[str, str] | None = None) 
     return table
 
 
+def cross_site_table(report: Mapping) -> Table:
+    """Test PSNR (dB) of the run's models at each site, from ``report.json``: a row per site; columns the main
+    federated model(s), the mean of the local-only models scored there, pooled and the interpolation, when the
+    run has them. Leave-one-out models appear as one column: each site's own held-out model ("unseen")."""
+    psnr = report["cross_site"].get("psnr", {})
+    sites = list(report["sites"])
+    columns: dict[str, list[float | None]] = {}
+    for model in ("global", *(m for m in psnr if m.startswith("holdout:") and "global" not in psnr)):
+        if model in psnr:
+            columns[model] = [psnr[model].get(site, {}).get("mean") for site in sites]
+    if "global" in psnr and any(m.startswith("holdout:") for m in psnr):
+        columns["unseen"] = [psnr.get(f"holdout:{site}", {}).get(site, {}).get("mean") for site in sites]
+    local = [[psnr[m][site]["mean"] for m in psnr if m.startswith("local:") and site in psnr[m]] for site in sites]
+    if any(local):
+        columns["local mean"] = [sum(v) / len(v) if v else None for v in local]
+    for model in ("pooled", "interpolation"):
+        if model in psnr:
+            columns[model] = [psnr[model].get(site, {}).get("mean") for site in sites]
+    table = _table("Test PSNR dB (report.html has every metric, interval and model)")
+    table.add_column("site", no_wrap=False, overflow="fold")
+    for header in columns:
+        table.add_column(escape(header), justify="right", no_wrap=True, overflow="fold")
+    for i, site in enumerate(sites):
+        table.add_row(escape(site), *[_fmt(values[i]) for values in columns.values()])
+    return table
+
+
 def _table(title: str) -> Table:
     """A table that spends :data:`COLUMN_GAP` characters between columns and none at the edges."""
     return Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))

@@ -93,12 +93,29 @@ def test_run_config_overrides_and_types():
         ({"model": "unet"}, "unknown model 'unet'"),
         ({"model": "gan", "spatial-dims": 3}, "supports spatial-dims 2, not 3"),
         ({"model-preset": "huge"}, "no preset 'huge'"),
+        ({"baselines": "local,central"}, "baselines must be 'none' or a comma-separated list of local, pooled"),
+        ({"baselines": "local,local"}, "baselines must be"),
+        ({"holdout-site": "a", "leave-one-out": True}, "holdout-site and leave-one-out exclude each other"),
     ],
 )
 def test_bad_settings_are_refused_with_the_key_named(config, words):
     with pytest.raises(ValueError) as error:
         RunSettings.from_run_config(config)
     assert words in str(error.value)
+
+
+@pytest.mark.parametrize("text, kinds", [("local", ("local",)), ("local,pooled", ("local", "pooled")),
+                                         (" pooled , local ", ("pooled", "local")), ("none", ())])
+def test_baselines_name_the_reference_models(text, kinds):
+    assert RunSettings.from_run_config({"baselines": text}).baseline_kinds == kinds
+
+
+def test_the_pooled_baseline_is_refused_outside_a_simulation():
+    from server.baselines import pooled_problem
+
+    assert "only a simulation" in pooled_problem(RunSettings(baselines="local,pooled"))
+    assert pooled_problem(RunSettings(baselines="local,pooled", sites_dir="/sites")) is None
+    assert pooled_problem(RunSettings(baselines="local")) is None
 
 
 def test_a_site_refuses_a_bad_round_config_naming_the_key():
