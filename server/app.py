@@ -132,8 +132,12 @@ def run_federation(grid: Grid, settings: RunSettings) -> RunRecorder:
     results.notes[:0] = [f"local:{site} stays at {site} (its site.toml keeps it there): scored at {site} only"
                          for site in kept]
     write_cross_site(run_dir, results, site_descriptions(sites, plan), model_descriptions(trained_on, kept))
-    report, page = write_report(run_dir)
-    log.info("run finished: %s (report: %s, %s)", run_dir, report, page)
+    try:
+        report, page = write_report(run_dir)
+    except Exception as error:  # the report is derived: a failure must not lose the run, whose results are stored
+        log.error("the report could not be written (%s); rebuild it with: fedsr report %s", error, run_dir)
+    else:
+        log.info("run finished: %s (report: %s, %s)", run_dir, report, page)
     return recorder
 
 

@@ -203,8 +203,11 @@ def tiny_run(tmp_path_factory):
 def test_simulate_writes_every_promised_file(tiny_run):
     run_dir, code, out = tiny_run
     assert code == 0, out
-    for name in ("config.toml", "metrics.jsonl", "final_model.pt", "summary.json", "flower.log", "checkpoint.pt"):
+    for name in ("config.toml", "metrics.jsonl", "final_model.pt", "summary.json", "flower.log", "checkpoint.pt",
+                 "messages.jsonl", "cross_site.json", "report.json", "report.html"):
         assert (run_dir / name).is_file(), name
+    names = sorted(json.loads((run_dir / "summary.json").read_text())["sites"])
+    assert sorted(p.name for p in (run_dir / "models").iterdir()) == [f"local-{n}.pt" for n in names]  # the default
     config = tomllib.loads((run_dir / "config.toml").read_text())
     assert config["num-rounds"] == 2 and config["local-steps"] == 25 and config["num-sites"] == 2
     model, meta = load_checkpoint(run_dir / "final_model.pt")
@@ -238,6 +241,8 @@ def test_training_improves_psnr_over_round_zero_at_every_site(tiny_run):
 def test_flower_and_ray_logs_stay_off_the_terminal(tiny_run):
     run_dir, _code, out = tiny_run
     assert "round   2" in out and "Final global model" in out
+    assert "Test PSNR dB" in out and "local mean" in out  # the cross-site table
+    assert f"report.html: {run_dir / 'report.html'}" in out.replace("\n", "")
     assert "configure_train" not in out and "ClientAppActor" not in out
     assert "configure_train" in (run_dir / "flower.log").read_text()
 
