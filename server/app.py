@@ -2,7 +2,8 @@
 every site, writes the run record and the report.
 
 The coordinator never reads a scan: it builds the architecture, sends weights and round settings, and receives
-weights and numbers (and example crops only from sites whose site.toml consents).
+weights and numbers (and example crops only from sites whose site.toml consents). A stopped run goes on with
+``resume``: each federation after the last round its checkpoint holds, then everything after the federations again.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.baselines import pooled_problem, train_local_models, train_pooled_model
-from server.checkpoint import FINAL, LAST, write_global
+from server.checkpoint import (
+    CHECKPOINTS, FINAL, LAST, RoundState, completed_rounds, resume_points, resumed_recorder, write_global,
+)
 from server.cross_site import cross_evaluate, write_cross_site
 from server.federation import train_federated
 from server.report import write_report
-from server.run_log import RunRecorder, file_stem, write_run_config
+from server.run_log import RunRecorder, check_resumed_config, file_stem, write_run_config
 from server.settings import RunSettings
 from server.sites import FederationError, SiteGrid, describe_sites
 from shared_models.registry import build_from_settings, family, model_spec
@@ -75,11 +78,13 @@ def resolve_run_dir(settings: RunSettings) -> Path:
 def run_federation(grid: Grid, settings: RunSettings) -> RunRecorder:
     """The whole run: the sites describe themselves -> the federated model(s) (``global``, or ``holdout:SITE`` per
     held-out site) -> the baselines (``local:SITE``, ``pooled``) -> every model scored at every site's test split ->
-    ``cross_site.json``, ``summary.json``, ``report.json`` and ``report.html``."""
+    ``cross_site.json``, ``summary.json``, ``report.json`` and ``report.html``.
+
+    Resumed (``resume``): each federation goes on after the last round its checkpoint holds (one that had completed
+    none starts afresh); the baselines and the cross-site evaluation, which come after the federations, run again.
+    """
     run_dir = resolve_run_dir(settings)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_run_config(run_dir, settings.to_config())
-    recorder = RunRecorder(run_dir)
+    recorder, resumed = open_run(run_dir, settings)
     problem = pooled_problem(settings)
     if problem:
         raise FederationError(problem)
@@ -101,13 +106,15 @@ def run_federation(grid: Grid, settings: RunSettings) -> RunRecorder:
     for index, (name, members) in enumerate(plan.items()):
         models[name] = train_federated(
             members, settings, model, initial, recorder, experiment=name,
-            round_zero=settings.evaluate_round_zero and index == 0, checkpoint=Path(LAST) if index == 0 else None,
+            round_zero=settings.evaluate_round_zero and index == 0, checkpoint=checkpoint_file(name, index),
+            resumed=resumed.get(name),
         )
         target = FINAL if index == 0 else model_file(name)
         write_global(run_dir, model, models[name], settings=settings, normalisation=recorder.normalisation,
                      name=target, round_=settings.num_rounds, export=True)
     main = next(iter(plan))
-    recorder.write_summary(settings.num_rounds, main, {"model": spec})
+    recorder.write_summary(settings.num_rounds, main, {"model": spec},
+                           members=[site.name for site in plan[main].sites.values()])
 
     trained_on = {name: sorted(site.name for site in members.sites.values()) for name, members in plan.items()}
     kept: tuple[str, ...] = ()
@@ -141,9 +148,34 @@ def run_federation(grid: Grid, settings: RunSettings) -> RunRecorder:
     return recorder
 
 
+def open_run(run_dir: Path, settings: RunSettings) -> tuple[RunRecorder, dict[str, RoundState]]:
+    """The run's record, and when resuming each federation's last completed round (``{name: state}``; empty for a
+    new run, which writes ``config.toml``). A resumed run's settings must be those of its ``config.toml``; it needs
+    the main federation's checkpoint (ResumeError naming the file otherwise)."""
+    if not settings.resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_config(run_dir, settings.to_config())
+        return RunRecorder(run_dir), {}
+    check_resumed_config(run_dir, settings.to_config())
+    resumed = completed_rounds(run_dir)
+    log.info("resuming %s: %s", run_dir, resume_points(resumed))
+    return resumed_recorder(run_dir, resumed), resumed
+
+
 def model_file(name: str) -> str:
     """Where a finished model besides the main one is saved in the run folder: ``models/local-SITE.pt`` ..."""
-    return f"{MODELS}/{file_stem(name.replace(':', '-'))}.pt"
+    return f"{MODELS}/{_stem(name)}.pt"
+
+
+def checkpoint_file(name: str, index: int) -> str:
+    """Where the ``index``-th federation of the run's plan keeps its latest round: ``checkpoint.pt`` for the first
+    (the run's main model), ``checkpoints/holdout-SITE.pt`` for the others."""
+    return LAST if index == 0 else f"{CHECKPOINTS}/{_stem(name)}.pt"
+
+
+def _stem(name: str) -> str:
+    """A model's name as a file name: ``holdout:site a`` -> ``holdout-site_a``."""
+    return file_stem(name.replace(":", "-"))
 
 
 def federations(sites: SiteGrid, settings: RunSettings) -> dict[str, SiteGrid]:

@@ -1,20 +1,39 @@
-"""Checkpoints of the global model in the run folder (atomic: readers never see half a file)."""
+"""Checkpoints of the global model in the run folder (atomic: readers never see half a file), and resuming from them.
+
+Every federation keeps its latest completed round (:func:`write_global` with its ``experiment`` name): the run's
+main federated model in ``checkpoint.pt``, any other (leave-one-out: one per held-out site) in
+``checkpoints/holdout-SITE.pt``. A stopped run continues from them (``resume``): :func:`completed_rounds` reads
+them back, :func:`resumed_recorder` trims the run record to the rounds they hold.
+
+The weights and the round number are all a federation needs to go on exactly as it would have: the sites derive
+their seeds from (run seed, site, round), the strategy's only lasting state is the newest global weights (what it
+checks updates against), and the coordinator draws no random numbers (it samples every connected site, in name
+order). Which sites were missing is not kept: a resumed run waits for every site once more.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord
 from torch import nn
 
+from server.run_log import ResumeError, RunRecorder
 from server.settings import RunSettings
-from shared_models.checkpoint import save_checkpoint
-from shared_models.registry import family_of
+from shared_models.checkpoint import load_checkpoint, save_checkpoint
+from shared_models.registry import family_of, model_spec
 from shared_models.settings import FamilyOptions
+
+log = logging.getLogger(__name__)
 
 LAST = "checkpoint.pt"
 FINAL = "final_model.pt"
+#: Sub-folder of the run folder for the round checkpoints of every federation besides the main one.
+CHECKPOINTS = "checkpoints"
 
 
 def load_global(model: nn.Module, arrays: ArrayRecord, options: FamilyOptions | None) -> nn.Module:
@@ -40,8 +59,10 @@ def write_global(
     name: str,
     round_: int,
     export: bool | None = None,
+    experiment: str | None = None,
 ) -> Path:
-    """Save the global weights as ``run_dir/name`` with the round in its metadata.
+    """Save the global weights as ``run_dir/name`` with the round in its metadata; a round checkpoint also names
+    its federation (``experiment``), to be resumed from (:func:`read_round`).
 
     ``normalisation``: how the sites mapped their scans to [0, 1] (``{site: {"modality", "kind", "range"}}``, as
     they reported it), so that the model can be applied to a new scan, and its output mapped back, the same way.
@@ -53,5 +74,70 @@ def write_global(
     (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
     to_save = family_of(model).export(model) if (name == FINAL if export is None else export) else model
     return save_checkpoint(
-        run_dir / name, to_save, scale=settings.scale, normalisation=normalisation, extra={"round": round_}
+        run_dir / name, to_save, scale=settings.scale, normalisation=normalisation,
+        extra={"round": round_} if experiment is None else {"round": round_, "experiment": experiment},
     )
+
+
+@dataclass(frozen=True)
+class RoundState:
+    """A federation's last completed round as its checkpoint (``path``) holds it.
+
+    ``model``: the whole model after that round; ``normalisation``: the sites' intensity rules (see
+    :func:`write_global`).
+    """
+
+    experiment: str
+    round: int
+    path: Path
+    model: nn.Module
+    normalisation: dict[str, Any]
+
+    def arrays(self, model: nn.Module, options: FamilyOptions | None) -> ArrayRecord:
+        """The global weights to go on from, as the federation sends them (the family's ``shared_state`` with
+        ``options``), checked to be of ``model``'s architecture (the run's settings build ``model``)."""
+        stored, wanted = model_spec(self.model), model_spec(model)
+        if stored != wanted:
+            raise ResumeError(self.path, f"holds the model {stored}, the run's settings build {wanted}",
+                              "resume with the settings of the run's config.toml")
+        return ArrayRecord(family_of(self.model).shared_state(self.model, options))
+
+
+def read_round(path: Path) -> RoundState:
+    """The round state in the checkpoint at ``path``; a ResumeError (or CheckpointError) naming the file when it
+    cannot be resumed from."""
+    model, meta = load_checkpoint(path)
+    extra = meta["extra"]
+    if "experiment" not in extra:
+        raise ResumeError(path, "names no federation round to resume from (a finished model, or one written by an "
+                          "older fedsr)", "start the run again without resume")
+    return RoundState(extra["experiment"], int(extra["round"]), path, model, meta["normalisation"] or {})
+
+
+def completed_rounds(run_dir: Path) -> dict[str, RoundState]:
+    """Every federation's last completed round in ``run_dir`` (``{experiment: state}``): :data:`LAST`, which must
+    be there, and the checkpoints in :data:`CHECKPOINTS`. A federation without one had completed no round."""
+    main = run_dir / LAST
+    if not main.is_file():
+        raise ResumeError(main, "not there: the run stopped before its first round completed, or this is not a "
+                          "run folder", "start the run again without resume")
+    states = [read_round(path) for path in (main, *sorted((run_dir / CHECKPOINTS).glob("*.pt")))]
+    return {state.experiment: state for state in states}
+
+
+def resume_points(states: Mapping[str, RoundState]) -> str:
+    """Where each federation goes on, for the log and the terminal: ``global after round 2, ...``."""
+    return ", ".join(f"{name} after round {state.round}" for name, state in states.items())
+
+
+def resumed_recorder(run_dir: Path, states: Mapping[str, RoundState]) -> RunRecorder:
+    """The record of a run that goes on after ``states``: ``metrics.jsonl`` without the rows of unfinished rounds
+    (:meth:`RunRecorder.resume`), and the sites' intensity rules as the checkpoints kept them (a federation that
+    is already complete receives no reply to learn them from)."""
+    recorder = RunRecorder(run_dir)
+    dropped = recorder.resume({name: state.round for name, state in states.items()})
+    for state in states.values():
+        recorder.normalisation.update(state.normalisation)
+    if dropped:
+        log.info("%s: %d row(s) of rounds that did not complete dropped", recorder.path, dropped)
+    return recorder

@@ -2,21 +2,26 @@
 
 A run trains the federation of every site (``global``) or, for unseen-scanner tests, a federation without one site
 (``holdout:SITE``); both go through :func:`train_federated`, which only ever talks to the sites of its
-:class:`server.sites.SiteGrid`.
+:class:`server.sites.SiteGrid`. A resumed run's federation goes on after the last round its checkpoint holds.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import logging
+from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from server.checkpoint import write_global
+from server.checkpoint import RoundState, write_global
 from server.run_log import RunRecorder
 from server.settings import RunSettings
 from server.sites import SiteGrid
 from server.strategies import SiteFedAvg
+
+log = logging.getLogger(__name__)
 
 
 def train_federated(
@@ -28,42 +33,77 @@ def train_federated(
     *,
     experiment: str,
     round_zero: bool,
-    checkpoint: Path | None,
+    checkpoint: str,
+    resumed: RoundState | None = None,
 ) -> ArrayRecord:
     """``num-rounds`` FedAvg rounds among ``grid``'s sites, starting from ``initial``; returns the final weights.
 
     ``round_zero``: first score the initial weights at those sites (round 0). ``checkpoint``: where to keep the
-    latest round's weights (relative to the run folder), or None.
+    latest round's weights (relative to the run folder). ``resumed``: the last round a stopped run completed; the
+    rounds after it go on from its weights, numbered as they were to be.
     """
-    sites = len(grid.sites)
-    required = min(settings.min_sites, sites)
+    done = resumed.round if resumed else 0
+    arrays = resumed.arrays(model, settings.family_options) if resumed else initial
+    if resumed:
+        log.info("%s: going on after round %d of %d (%s)", experiment, done, settings.num_rounds, resumed.path)
+    if done >= settings.num_rounds:
+        return arrays
     strategy = SiteFedAvg(
         recorder=recorder,
-        reference=initial,
-        required_sites=required,
+        reference=arrays,
+        required_sites=min(settings.min_sites, len(grid.sites)),
         experiment=experiment,
-        min_train_nodes=sites,
-        min_evaluate_nodes=sites,
-        min_available_nodes=required,
+        node_wait_seconds=settings.node_wait_seconds,
     )
     config = ConfigRecord(settings.round_config())
-    if round_zero:
+    if round_zero and not resumed:
         config["server-round"] = 0
-        strategy.round_zero(grid, initial, config, settings.round_timeout)
+        strategy.round_zero(grid, arrays, config, settings.round_timeout)
 
-    def keep(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round > 0 and checkpoint is not None:
+    def keep(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if local_round > 0:
             write_global(recorder.run_dir, model, arrays, settings=settings, normalisation=recorder.normalisation,
-                         name=str(checkpoint), round_=server_round)
+                         name=checkpoint, round_=done + local_round, experiment=experiment)
         return None
 
-    result = strategy.start(
+    result = (ResumedRounds(strategy, done) if done else strategy).start(
         grid=grid,
-        initial_arrays=initial,
-        num_rounds=settings.num_rounds,
+        initial_arrays=arrays,
+        num_rounds=settings.num_rounds - done,
         timeout=settings.round_timeout,
         train_config=config,
         evaluate_config=config,
         evaluate_fn=keep,
     )
     return result.arrays
+
+
+class ResumedRounds(Strategy):
+    """``strategy``'s rounds after round ``completed``. Flower's ``Strategy.start`` numbers the rounds it runs from
+    1; this passes ``completed`` + that number on, so the sites get the true ``server-round`` in their config (their
+    seeds depend on it) and the run record the true round."""
+
+    def __init__(self, strategy: Strategy, completed: int) -> None:
+        self.strategy = strategy
+        self.completed = completed
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_train(server_round + self.completed, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.strategy.aggregate_train(server_round + self.completed, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round + self.completed, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round + self.completed, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()

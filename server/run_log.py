@@ -1,6 +1,7 @@
 """The run folder's record of what happened: ``metrics.jsonl``, ``summary.json`` and ``config.toml``.
 
-Numbers only: per round and site, the scalar metrics the site chose to send.
+Numbers only: per round and site, the scalar metrics the site chose to send. A resumed run (``resume``) keeps the
+record of the rounds that completed and drops the rest, so that no round is recorded twice.
 """
 
 from __future__ import annotations
@@ -11,12 +12,23 @@ import re
 import time
 import tomllib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import tomli_w
 from flwr.common.config import flatten_dict, unflatten_dict
 
 from shared_models.atomic import atomic_write
+from shared_models.errors import ExplainedError
+
+#: The run-config keys a resumed run may set differently from its ``config.toml``: the switch itself, and the
+#: folder (a run folder may have been moved).
+RESUME_FREE = ("resume", "run-dir")
+#: Keys of a ``metrics.jsonl`` row that are not the site's metrics.
+ROW_KEYS = ("experiment", "round", "phase", "site", "time")
+
+
+class ResumeError(ExplainedError, ValueError):
+    """A run folder that cannot be resumed as asked; the message names the file and what to do."""
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -46,6 +58,49 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     return flatten_dict(tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8")))
 
 
+def read_resumed_config(run_dir: Path) -> dict[str, Any]:
+    """The run config of the run to resume in ``run_dir``; a ResumeError naming the file when it has none."""
+    path = run_dir / "config.toml"
+    if not path.is_file():
+        raise ResumeError(path, "not there, so this is no run folder (or its run never started)",
+                          "give the folder of a run that completed at least one round, or start a new run")
+    return read_run_config(run_dir)
+
+
+def check_resumed_config(run_dir: Path, flat: Mapping[str, Any]) -> None:
+    """Raise a ResumeError naming ``run_dir/config.toml`` and every key whose value there differs from ``flat``
+    (the resumed run's config), apart from :data:`RESUME_FREE`: a run continues with the settings it began with."""
+    stored = read_resumed_config(run_dir)
+    keys = sorted((set(stored) | set(flat)) - set(RESUME_FREE))
+    changed = [f"{key} = {stored.get(key, '(absent)')!r} there, {flat.get(key, '(absent)')!r} now"
+               for key in keys if stored.get(key) != flat.get(key)]
+    if changed:
+        raise ResumeError(run_dir / "config.toml", f"the run began with other settings: {'; '.join(changed)}",
+                          "resume with that file's settings (fedsr simulate --resume RUN_DIR reads them from it; "
+                          "with flwr run, give the run's own --run-config plus resume=true and its run-dir)")
+
+
+def keep_completed_rows(path: Path, completed: Mapping[str, int]) -> tuple[list[dict], int]:
+    """Resume: keep in ``metrics.jsonl`` (``path``) only the rows of completed rounds, those of each experiment
+    ``E`` up to round ``completed[E]``; rows of other experiments (a baseline, a federation that had not
+    finished a round) and a cut last line are dropped. The file is rewritten (atomically) only when something is
+    dropped, so a second call changes nothing. Returns (the rows kept, how many lines were dropped)."""
+    if not path.exists():
+        return [], 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut by the stop
+        if row.get("round", -1) <= completed.get(row.get("experiment"), -1):
+            kept.append(row)
+    if len(kept) < len(lines):
+        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
+    return kept, len(lines) - len(kept)
+
+
 class RunRecorder:
     """Appends one JSON object per (experiment, round, phase, site) to ``metrics.jsonl`` and keeps the latest
     evaluation of each experiment.
@@ -59,6 +114,7 @@ class RunRecorder:
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
         self.latest_evaluation: dict[str, dict[str, dict[str, float]]] = {}
+        self.evaluated_round: dict[str, dict[str, int]] = {}  # each experiment's last evaluated round per site
         self.normalisation: dict[str, dict[str, Any]] = {}
         self.started = time.time()
 
@@ -88,15 +144,35 @@ class RunRecorder:
             handle.write(json.dumps(row) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
-        if phase == "evaluate":
-            skip = ("experiment", "round", "phase", "site", "time")
-            self.latest_evaluation.setdefault(experiment, {})[site] = {k: v for k, v in row.items() if k not in skip}
+        self._remember(row)
 
-    def write_summary(self, rounds: int, experiment: str, extra: Mapping[str, Any] | None = None) -> Path:
-        """``summary.json``: the last evaluation of every site of ``experiment`` (the run's main federated model)
-        and the run's size/time."""
+    def _remember(self, row: Mapping[str, Any]) -> None:
+        """Keep an evaluation row as its experiment's latest at its site."""
+        if row["phase"] == "evaluate":
+            latest = {k: v for k, v in row.items() if k not in ROW_KEYS}
+            self.latest_evaluation.setdefault(row["experiment"], {})[row["site"]] = latest
+            self.evaluated_round.setdefault(row["experiment"], {})[row["site"]] = int(row["round"])
+
+    def resume(self, completed: Mapping[str, int]) -> int:
+        """Continue a stopped run's record: drop the rows of rounds that did not complete (``completed``: each
+        experiment's last completed round; see :func:`keep_completed_rows`), take the latest evaluations from the
+        rows kept, and go on counting ``time`` from the last of them. Returns how many rows were dropped."""
+        kept, dropped = keep_completed_rows(self.path, completed)
+        for row in kept:
+            self._remember(row)
+        self.started = time.time() - max((row.get("time", 0.0) for row in kept), default=0.0)
+        return dropped
+
+    def write_summary(
+        self, rounds: int, experiment: str, extra: Mapping[str, Any] | None = None, members: Sequence[str] = ()
+    ) -> Path:
+        """``summary.json``: the last evaluation of every site of ``experiment`` (the run's main federated model),
+        ``missing_sites``: those of its ``members`` that did not evaluate the last round (``{site: last round they
+        evaluated, or null}``: gone during the run, or never there), and the run's size/time."""
+        evaluated = self.evaluated_round.get(experiment, {})
         summary = {
             "sites": self.latest_evaluation.get(experiment, {}),
+            "missing_sites": {site: evaluated.get(site) for site in sorted(members) if evaluated.get(site) != rounds},
             "model_name": experiment,
             "rounds": rounds,
             "wall_seconds": round(time.time() - self.started, 3),

@@ -49,6 +49,8 @@ class RunSettings(SiteSettings):
                                 flag="--holdout-site")
     leave_one_out: bool = setting(False, "Also train one federation without each site in turn and score every "
                                   "held-out site as an unseen scanner.", flag="--leave-one-out")
+    resume: bool = setting(False, "Continue the run in run-dir from its last completed round (its checkpoint.pt); "
+                           "every other setting must equal the run's config.toml.")
     options: Mapping[str, FamilyOptions] = field(default_factory=lambda: _default_options())
 
     @property
@@ -102,6 +104,8 @@ class RunSettings(SiteSettings):
         if unknown or len(set(self.baseline_kinds)) != len(self.baseline_kinds):
             problems.append(f"baselines must be 'none' or a comma-separated list of {', '.join(BASELINES)}, "
                             f"got {self.baselines!r}")
+        if self.resume and not self.run_dir:
+            problems.append("resume needs run-dir: the folder of the run to continue")
         if self.holdout_site and self.leave_one_out:
             problems.append("holdout-site and leave-one-out exclude each other: leave-one-out holds out every site "
                             "in turn")

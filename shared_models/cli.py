@@ -9,6 +9,7 @@ help. A part's module is imported when one of its commands runs, never to list t
 - ``fedsr sites make-phantoms DIR``: ``simulation.cli``; ``pip install fedsr``.
 - ``fedsr simulate``: ``simulation.cli``; ``pip install "fedsr[simulation]"`` (Flower's simulation engine, Ray).
 - ``fedsr report RUN_DIR``: ``server.cli``, the coordinator's; ``pip install fedsr``.
+- ``fedsr deploy ...``: ``deploy.cli``, a real federation (credentials, SuperLink, SuperNodes); ``pip install fedsr``.
 
 Adding a command is one line in :data:`COMMANDS` or :data:`SITES_COMMANDS` plus the command in its part's module
 (a ``typer.Typer`` with that one command, or a ``click.Command``). Entry point: ``fedsr = "shared_models.cli:main"``;
@@ -46,6 +47,8 @@ COMMANDS: dict[str, Lazy] = {
     ),
     "report": Lazy("server.cli:report_app",
                    "Rebuild a run folder's report (report.json, report.html) from its stored results."),
+    "deploy": Lazy("deploy.cli:deploy_app",
+                   "Run a real federation: credentials, SuperLink, registered SuperNodes (Flower)."),
 }
 
 #: Commands under ``fedsr sites``.

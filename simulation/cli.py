@@ -7,7 +7,8 @@ hospital's commands never load the simulator. ``fedsr simulate`` needs Flower's 
 The options of ``fedsr simulate`` are derived from the run settings' declarations (``server.settings.RunSettings``):
 one option per setting that declares a ``flag``, with its help, default, type and allowed values, plus
 ``--run-config "k=v ..."``, which takes any run-config key exactly as ``flwr run --run-config`` does. Explicit flags
-override the same keys in ``--run-config``; both override the declared defaults.
+override the same keys in ``--run-config``; both override the declared defaults. ``--resume RUN_DIR`` continues a
+stopped run with the settings of its ``config.toml`` and takes no other setting.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import inspect
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -34,14 +36,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from client.data.files import site_folders
 from client.sites_report import check_site_folder, print_site_report
-from server.run_log import atomic_write_text
+from server.checkpoint import LAST, completed_rounds, resume_points, resumed_recorder
+from server.run_log import atomic_write_text, check_resumed_config, read_resumed_config
 from server.settings import RunSettings
 from shared_models.losses import loss_from_spec
 from shared_models.registry import family_options_types
 from shared_models.settings import Declared, SiteSettings
-from simulation.progress import (
-    MetricsFollower, cross_site_table, follower_rows, round_line, round_table, summary_table,
-)
+from simulation.progress import MetricsFollower, print_run_end, round_line
 
 console = Console()
 #: Every run-config key's declaration: the run settings, then each model family's options (``family.option``).
@@ -128,6 +129,25 @@ def settings_from_command_line(
     return settings.replace(run_dir=str(Path(run_dir).expanduser().resolve()), sites_dir=sites_dir)
 
 
+def resumed_settings(run_dir: Path, given: Mapping[str, Any], run_config: str | None) -> RunSettings:
+    """The settings to continue the run in ``run_dir`` with: its ``config.toml``, ``resume`` on, ``run-dir`` this
+    folder (absolute). ``given`` (the flags the user set, as :func:`settings_from_command_line` takes them) and
+    ``run_config`` must be empty: a run goes on as it began.
+
+    Raises:
+        ValueError: a flag or ``--run-config`` given (named); no ``config.toml`` in ``run_dir`` (a ResumeError
+            naming it).
+    """
+    flags = {parameter_name(d): d.flag for d in FLAGS}
+    refused = [flags[name] for name in given if name in flags] + (["--run-config"] if run_config else [])
+    if refused:
+        raise ValueError(f"--resume continues the run with the settings in {run_dir / 'config.toml'}; "
+                         f"leave out {', '.join(refused)}")
+    run_dir = run_dir.expanduser().resolve()
+    settings = RunSettings.from_run_config(read_resumed_config(run_dir))
+    return settings.replace(resume=True, run_dir=str(run_dir))
+
+
 def parameter_name(declared: Declared) -> str:
     """The Python name of a setting's option: ``num-rounds`` -> ``num_rounds``, ``family.some-option`` ->
     ``family_some_option``."""
@@ -187,10 +207,17 @@ def simulate(ctx: typer.Context, **values: Any) -> None:
     if importlib.util.find_spec("ray") is None:
         _fail(f"fedsr simulate needs Flower's simulation engine (Ray), which is not installed: {SIMULATION_EXTRA}", 1)
     run_config = values.pop("run_config", None)
+    resume = values.pop("resume_dir", None)
     given = {name: value for name, value in values.items() if _given(ctx, name)}
     try:  # every value is checked before anything is written or started
-        settings = settings_from_command_line(given, run_config)
+        if resume is None:
+            settings = settings_from_command_line(given, run_config)
+        else:
+            settings = resumed_settings(resume, given, run_config)
         run_dir = Path(settings.run_dir)
+        if settings.resume:  # (also through --run-config) what would stop the ServerApp, said before anything starts
+            check_resumed_config(run_dir, settings.to_config())
+            completed_rounds(run_dir)
         sites_dir = Path(settings.sites_dir) if settings.sites_dir else run_dir / "sites"
         if not settings.sites_dir and not sites_dir.exists():
             _write_phantoms(sites_dir, settings.num_sites, PHANTOM_SUBJECTS, settings.seed)
@@ -210,14 +237,7 @@ def simulate(ctx: typer.Context, **values: Any) -> None:
         summary = json.loads(summary_path.read_text())
         summary["end_to_end_seconds"] = round(time.perf_counter() - start, 3)
         atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
-        follower = follower_rows(run_dir, main_experiment(settings))
-        console.print(round_table(follower, width=console.width))
-        console.print(summary_table(summary, follower.baselines()))
-        if (run_dir / "report.json").exists():
-            console.print(cross_site_table(json.loads((run_dir / "report.json").read_text())))
-        for name in ("report.html", "report.json"):
-            if (run_dir / name).exists():
-                console.print(f"{name}: {run_dir / name}", markup=False, highlight=False)
+        print_run_end(console, run_dir, main_experiment(settings), summary)
         console.print(f"run folder: {run_dir}  ({summary['end_to_end_seconds']:.0f} s)", markup=False, highlight=False)
     raise typer.Exit(code)
 
@@ -239,6 +259,12 @@ def _declared_signature() -> inspect.Signature:
         default=typer.Option(None, "--run-config", help=_run_config_help(), metavar="'K=V K2=V2' | FILE.toml",
                              rich_help_panel="Run"),
     ))
+    params.append(inspect.Parameter(
+        "resume_dir", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+        default=typer.Option(None, "--resume", metavar="RUN_DIR", rich_help_panel="Run", help=(
+            "Continue the stopped run in RUN_DIR from its last completed round, with the settings of its "
+            "config.toml (no other setting may be given). Its final weights are those of an uninterrupted run.")),
+    ))
     return inspect.Signature(params)
 
 
@@ -253,12 +279,20 @@ def _fail(message: str, code: int) -> NoReturn:
 
 
 def _follow(run_dir: Path, settings: RunSettings) -> int:
-    """Run the federation in a child process; show progress from metrics.jsonl; Ctrl-C stops it cleanly."""
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    """Run the federation in a child process; show progress from metrics.jsonl; Ctrl-C stops it cleanly.
+
+    A resumed run keeps the record of its completed rounds (trimmed here as the ServerApp trims it, before the
+    follower reads it) and appends to ``flower.log``."""
+    if settings.resume:
+        states = completed_rounds(run_dir)
+        resumed_recorder(run_dir, states)
+        console.print(f"resuming {resume_points(states)} of {settings.num_rounds}", markup=False, highlight=False)
+    else:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     log_path = run_dir / "flower.log"
     follower = MetricsFollower(run_dir / "metrics.jsonl", main_experiment(settings))
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0")
-    with log_path.open("w") as log_file:
+    with log_path.open("a" if settings.resume else "w") as log_file:
         child = subprocess.Popen(
             [sys.executable, "-m", "simulation.runner", json.dumps(settings.to_config())],
             stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True,
@@ -278,9 +312,12 @@ def _follow(run_dir: Path, settings: RunSettings) -> int:
                 _print_finished_rounds(progress.console, follower, settings, shown)
         except KeyboardInterrupt:
             _stop(child)
-            last = run_dir / "checkpoint.pt"
+            last = run_dir / LAST
             console.print(f"[yellow]stopped.[/] last checkpoint: {escape(str(last)) if last.exists() else 'none yet'}",
                           highlight=False)
+            if last.exists():
+                console.print(f"continue with: fedsr simulate --resume {shlex.quote(str(run_dir))}", markup=False,
+                              highlight=False)
             return 130
     if child.returncode != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-25:]

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from rich import box
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -166,6 +167,23 @@ def cross_site_table(report: Mapping) -> Table:
     for i, site in enumerate(sites):
         table.add_row(escape(site), *[_fmt(values[i]) for values in columns.values()])
     return table
+
+
+def print_run_end(console: Console, run_dir: Path, experiment: str, summary: Mapping) -> None:
+    """What a finished run ends with on the terminal (``fedsr simulate`` and ``fedsr deploy local``): the rounds of
+    ``experiment``, its last validation scores, the cross-site test table, and where the report is."""
+    follower = follower_rows(run_dir, experiment)
+    console.print(round_table(follower, width=console.width))
+    console.print(summary_table(summary, follower.baselines()))
+    for site, last in summary.get("missing_sites", {}).items():
+        seen = f"last scored in round {last}" if last is not None else "never scored"
+        console.print(f"[yellow]site {escape(site)} was missing at the end ({seen}); see flower.log or the "
+                      "coordinator's log[/]", highlight=False)
+    if (run_dir / "report.json").exists():
+        console.print(cross_site_table(json.loads((run_dir / "report.json").read_text())))
+    for name in ("report.html", "report.json"):
+        if (run_dir / name).exists():
+            console.print(f"{name}: {run_dir / name}", markup=False, highlight=False)
 
 
 def _table(title: str) -> Table:

@@ -70,6 +70,7 @@ def non_default_values(tmp_path: Path) -> dict:
         "sites-dir": str(tmp_path / "sites"), "gan.discriminator": "local", "gan.warmup-rounds": 2,
         "gan.adversarial-weight": 0.01, "baselines": "local,pooled", "holdout-site": "site-b",
         "leave-one-out": False,  # excludes holdout-site: checked on its own below
+        "resume": True,
     }
 
 
@@ -243,8 +244,8 @@ def test_flower_and_ray_logs_stay_off_the_terminal(tiny_run):
     assert "round   2" in out and "Final global model" in out
     assert "Test PSNR dB" in out and "local mean" in out  # the cross-site table
     assert f"report.html: {run_dir / 'report.html'}" in out.replace("\n", "")
-    assert "configure_train" not in out and "ClientAppActor" not in out
-    assert "configure_train" in (run_dir / "flower.log").read_text()
+    assert "aggregate_train" not in out and "ClientAppActor" not in out
+    assert "aggregate_train" in (run_dir / "flower.log").read_text()
 
 
 @pytest.mark.slow
