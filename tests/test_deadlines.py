@@ -344,14 +344,13 @@ def test_a_supernode_killed_mid_round_leaves_the_run_to_finish_without_it_and_na
     names = [folder.name for folder in folders]
     fed.wait_for_nodes(2, timeout=180)
     run_dir = root / "killed"
-    run_id = fed.start_run(tiny_run_config(run_dir, **{"num-sites": 2, "min-sites": 1, "num-rounds": 3,
-                                                       "node-wait-seconds": 5.0}))
+    run_id = fed.start_run(tiny_run_config(run_dir, **{"num-sites": 2, "min-sites": 1, "node-wait-seconds": 5.0}))
     wait_for_row(run_dir, fed, lambda row: row["round"] == 0 and row["site"] == names[1])
     fed.kill_supernode("b")  # SIGKILL right after round 0: its round-1 training is under way; no goodbye
     row = fed.wait_for_run(run_id, timeout=600)
     assert row["status"] == "finished:completed", fed.log_tails()
     trained = site_rows(run_dir, "train")
-    assert all(sites == [names[0]] for sites in trained.values()) and sorted(trained) == [1, 2, 3]
+    assert trained == {1: [names[0]], 2: [names[0]]}  # round 1 completed without it, round 2 went on
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["missing_sites"] == {names[1]: 0}  # named, with the last round it was scored in
     fed.start_supernode("b", folders[1], register=False)  # back for the next test
