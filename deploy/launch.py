@@ -96,8 +96,12 @@ def superlink_command(credentials: CredentialPaths | None, database: Path,
 
 def supernode_command(superlink: str, site_dir: Path, *, credentials: CredentialPaths | None, site: str | None,
                       state_dir: Path | None = None, device: str = "auto", port: int = DEFAULT_SUPERNODE_PORT,
-                      max_wait_time: float | None = None) -> list[str]:
+                      max_wait_time: float | None = None, warm: bool = True) -> list[str]:
     """argv of ``flower-supernode`` for one hospital, connecting to the SuperLink at ``superlink`` (HOST:PORT).
+
+    ``warm`` (default): run it through :mod:`deploy.warm_clientapps`, whose executor forks each message's ClientApp
+    from a process that has imported torch and MONAI once; ``False``: Flower's own, a fresh ``flwr-clientapp``
+    process per message.
 
     With ``credentials`` (and ``site``): verifies the SuperLink with ``ca.crt`` and authenticates with the site's
     ``supernode.key``. ``None`` is the explicitly insecure mode (plaintext, no key). The node config carries
@@ -115,11 +119,17 @@ def supernode_command(superlink: str, site_dir: Path, *, credentials: Credential
     if max_wait_time is not None:
         argv += ["--max-wait-time", str(max_wait_time)]
     if credentials is None:
-        return [*argv, "--insecure"]
-    if site is None:
+        argv.append("--insecure")
+    elif site is None:
         raise ValueError("a SuperNode with credentials needs its site name (whose supernode.key it uses)")
-    return [*argv, "--root-certificates", str(credentials.ca_cert),
-            "--auth-supernode-private-key", str(credentials.site_private_key(site))]
+    else:
+        argv += ["--root-certificates", str(credentials.ca_cert),
+                 "--auth-supernode-private-key", str(credentials.site_private_key(site))]
+    if not warm:
+        return argv
+    from deploy.warm_clientapps import supernode_argv
+
+    return supernode_argv(argv)
 
 
 def node_config_arg(values: Mapping[str, str]) -> str:

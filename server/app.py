@@ -40,6 +40,10 @@ def build_server_app(settings: RunSettings | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        # Under flwr-serverapp nothing configures logging: without this `flwr log` would show warnings only. A
+        # no-op in the simulation, whose runner configured it already.
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to the SuperLink otherwise
         run_federation(grid, settings or RunSettings.from_run_config(context.run_config))
 
     return app

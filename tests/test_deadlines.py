@@ -12,7 +12,8 @@ once it is back; with too few sites it stops with an error that names them and s
    goes offline after round 1 and online after round 2.
 3. (slow) Real processes (``tests/flower_processes.py``): a SuperLink with TLS and node authentication and two
    SuperNodes on 127.0.0.1, running the app with ``flwr run``; one site's SuperNode is stopped during a run and
-   restarted (the run waits for it and it trains again), then stopped for good in a run that needs both sites
+   restarted (the run waits for it and it trains again); the SuperLink is stopped mid-run and the run resumed
+   (bit-identical to a run never stopped); then a SuperNode is stopped for good in a run that needs both sites
    (the run fails within the deadline, naming it).
 """
 
@@ -354,6 +355,36 @@ def test_a_supernode_killed_mid_round_leaves_the_run_to_finish_without_it_and_na
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["missing_sites"] == {names[1]: 0}  # named, with the last round it was scored in
     fed.start_supernode("b", folders[1], register=False)  # back for the next test
+
+
+@pytest.mark.slow
+def test_a_run_whose_superlink_stops_resumes_to_the_weights_of_a_run_never_stopped(deployment):
+    """The coordinator's machine goes down mid-run (SuperLink and ServerApp ended by pid); after it restarts on
+    the same database, ``resume`` in the run config continues the run folder from its last completed round."""
+    import torch
+
+    fed, root, folders = deployment
+    fed.wait_for_nodes(2, timeout=180)
+    config = {"num-sites": 2, "min-sites": 2, "num-rounds": 2, "evaluate-round-zero": False}
+    whole = fed.start_run(tiny_run_config(root / "whole", **config))
+    assert fed.wait_for_run(whole, timeout=600)["status"] == "finished:completed", fed.log_tails()
+
+    stopped = root / "stopped"
+    fed.start_run(tiny_run_config(stopped, **config))
+    wait_for_row(stopped, fed, lambda row: row["round"] == 1 and row["phase"] == "evaluate")  # round 1 kept
+    fed.restart_superlink()
+    fed.wait_for_nodes(2, timeout=180)  # the SuperNodes reconnect by themselves
+    resumed = fed.start_run(tiny_run_config(stopped, resume=True, **config))
+    status = fed.wait_for_run(resumed, timeout=600)["status"]
+    log = fed.flwr("log", str(resumed), fed.name, "--show").stdout
+    assert status == "finished:completed", log[-4000:] + fed.log_tails()
+    assert "going on after round 1 of 2" in log, log
+    ours = torch.load(stopped / "final_model.pt", weights_only=True)
+    theirs = torch.load(root / "whole" / "final_model.pt", weights_only=True)
+    assert ours["extra"]["round"] == theirs["extra"]["round"] == 2
+    assert ours["state_dict"].keys() == theirs["state_dict"].keys()
+    for key, weights in theirs["state_dict"].items():
+        assert torch.equal(ours["state_dict"][key], weights), key
 
 
 @pytest.mark.slow

@@ -110,6 +110,20 @@ def test_node_config_values_reach_flower_as_written():
     assert parse_config_args([node_config_arg(values)]) == values
 
 
+def test_the_warm_executor_keeps_the_libraries_and_drops_fedsr_s_own_modules():
+    """Each forked ClientApp imports fedsr's code from the run's FAB, as flwr-clientapp would; torch, MONAI and
+    Flower are already loaded."""
+    script = ("import sys, deploy.warm_clientapps as warm; warm.warm_up(); "
+              "print(sorted({m.split('.')[0] for m in sys.modules}))")
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert all(f"'{library}'" in loaded for library in ("torch", "monai", "flwr", "pydicom", "nibabel")), loaded
+    assert not [p for p in ("client", "shared_models", "server", "simulation") if f"'{p}'" in loaded], loaded
+
+
+def command_line(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
 # ------------------------------------------------------------------------------------------------ real processes
 def test_unregistered_key_and_plaintext_are_refused(tmp_path):
     (site,) = phantom_sites(tmp_path / "sites", 1)
@@ -159,10 +173,12 @@ def test_two_sites_with_tls_and_authentication_run_the_app_to_a_report(tmp_path)
             fed = FlwrCli(flwr_home, "fedsr", processes=[superlink, *nodes])
             fed.wait_for_nodes(2, timeout=90)
             # one round and no round 0: every message starts a ClientApp process (torch imported again each time)
-            run_id = fed.start_run(tiny_run_config(run_dir, **{"num-rounds": 1, "evaluate-round-zero": False}))
+            run_id = fed.start_run(tiny_run_config(run_dir, **{"num-sites": 2, "num-rounds": 1, "evaluate-round-zero": False}))
             row = fed.wait_for_run(run_id, timeout=900)
             assert row["status"] == "finished:completed", fed.log_tails()
             started = [p.pid for p in (superlink, *nodes)] + [d for p in (superlink, *nodes) for d in descendants(p.pid)]
+            for node in nodes:  # each SuperNode's ClientApps came from its warm executor, not flwr-clientapp
+                assert ["--serve" in command_line(pid) for pid in descendants(node.pid)] == [True], node.log_tail()
     assert (run_dir / "final_model.pt").is_file()
     report = (run_dir / "report.json").read_text()
     assert "site-1-siemens-3t" in report and "site-2-ge-1.5t" in report
