@@ -19,7 +19,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from client.central_dp import central_clipping_mod
 from client.data.files import site_folders
+from client.data.siteconfig import load_site_config
+from client.policy import check_policy, refusal_mod
+from client.safe_errors import safe_errors_mod
 
 if TYPE_CHECKING:
     from client.pairs import PreparedSite
@@ -36,7 +40,10 @@ def build_client_app(simulated_site_dirs: Sequence[str] | None = None, mods: Seq
     ``simulated_site_dirs`` maps simulation partition ids to site folders (simulation only). ``mods`` are
     Flower client mods wrapped around every handler (e.g. Flower's DP clipping mods).
     """
-    app = ClientApp(mods=list(mods))
+    # safe_errors_mod outermost: an exception leaves the site as a category, never with its text (paths);
+    # refusal_mod outside ``mods``: they never get a refusal, which has no weights; central_clipping_mod (central DP,
+    # client-side clipping) innermost of ours: the last to touch the update before it leaves
+    app = ClientApp(mods=[safe_errors_mod, refusal_mod, central_clipping_mod, *mods])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -110,10 +117,13 @@ def build_client_app(simulated_site_dirs: Sequence[str] | None = None, mods: Seq
 
 
 def _setup(msg: Message, context: Context, simulated_site_dirs: Sequence[str] | None):
-    """Read the round's job, load the site (cached) and build the model the round names.
+    """Read the round's job, check it against the site's ``[policy]``, load the site (cached) and build the model
+    the round names.
 
-    The site's stack (torch, readers, tasks) is imported here, at the first message, not with this module: a
-    process that only builds the app (the simulation's driver) never needs it.
+    A request outside the policy raises :class:`client.policy.SiteRefusal` before any data is prepared for it
+    (:func:`client.policy.refusal_mod` makes it the reply). The site's stack (torch, readers, tasks) is imported
+    here, at the first message, not with this module: a process that only builds the app (the simulation's
+    driver) never needs it.
     """
     from client.device import resolve_device
     from client.tasks import RoundJob, task_for
@@ -121,9 +131,12 @@ def _setup(msg: Message, context: Context, simulated_site_dirs: Sequence[str] | 
 
     config = msg.content["config"]
     device = resolve_device(str(context.node_config.get("device", config["device"])))  # the site's own wins
-    job = RoundJob.from_config(config, device, context.node_config)
+    job = RoundJob.from_config(config, device, context.node_config, run_id=context.run_id)
+    site_dir = resolve_site_dir(context, simulated_site_dirs)
+    site_config = load_site_config(site_dir)  # site.toml alone, read for every message: an edited policy applies
+    check_policy(site_config.policy, job, msg.metadata.message_type, site_config.name)
     task = task_for(job.model)
-    site = task.prepare(str(resolve_site_dir(context, simulated_site_dirs)), job)
+    site = task.prepare(str(site_dir), job)
     return task, job, site, build_from_settings(job)
 
 

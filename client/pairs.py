@@ -42,6 +42,7 @@ class ScanPair:
     ``hr``: float32 (X, Y, Z) in [0, 1], the scan centre-cropped so the reduced axes are multiples of the scale.
     ``lr``: the same anatomy as the site's scanner would acquire it, smaller along the reduced axes.
     ``affine``: (4, 4) voxel -> world mm of ``hr``. ``normalisation``: maps [0, 1] back to scanner units.
+    ``patient``: the scan's patient id at the site (the split and DP group by it; it never leaves the site).
     Compared and hashed by identity (a pair is prepared once per process), so results can be cached per pair.
     """
 
@@ -51,6 +52,7 @@ class ScanPair:
     affine: np.ndarray
     modality: str
     normalisation: Normalisation
+    patient: str
 
     def hr_image(self) -> ScanImage:
         """``hr`` with its place in the world."""
@@ -77,9 +79,11 @@ def scan_image(scan: SiteScan) -> ScanImage:
 
 
 def pair_geometry(scan: SiteScan, hr: np.ndarray) -> dict:
-    """The :class:`ScanPair` geometry fields of ``hr``, a centre crop of the scan (:mod:`client.degrade`'s rule)."""
+    """The :class:`ScanPair` fields of ``hr`` beside its voxels: its geometry, a centre crop of the scan
+    (:mod:`client.degrade`'s rule), and its patient (the privacy unit of DP training; never sent)."""
     cropped = scan_image(scan).centre_cropped(hr.shape)
-    return {"affine": cropped.affine, "modality": cropped.modality, "normalisation": cropped.normalisation}
+    return {"affine": cropped.affine, "modality": cropped.modality, "normalisation": cropped.normalisation,
+            "patient": scan.volume.patient}
 
 
 class BatchSource(Protocol):

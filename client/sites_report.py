@@ -13,6 +13,7 @@ from rich.table import Table
 from client.data.errors import SiteError, Skipped
 from client.data.nifti import is_nifti
 from client.data.site import Site, load_site
+from client.data.siteconfig import SitePolicy
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ def print_site_report(console: Console, report: SiteReport, brief: bool = False)
             f"acquisition profile: {escape(str(acquisition))}; split seed {config.split_seed}; may share its local "
             f"model: {_yes(config.share_local_model)}, test previews: {_yes(config.share_previews)}"
         )
+        console.print(f"policy (what it accepts from the coordinator): {escape(policy_text(config.policy))}")
     for item in report.skipped:
         console.print(f"  [yellow]skipped[/] {escape(item.path)}: {escape(item.reason)}", highlight=False)
     return True
@@ -89,6 +91,16 @@ def _patient_labels(site: Site) -> dict[str, str]:
     for patient in dict.fromkeys(scan.volume.patient for scan in site.scans):
         labels[patient] = patient if patient in named else f"DICOM patient {len(labels.keys() - named) + 1}"
     return labels
+
+
+def policy_text(policy: SitePolicy) -> str:
+    """A site's ``[policy]`` in one line: ``batch-size >= 8, local-steps >= 10, num-rounds <= 200, models: any,
+    losses: any`` (the coordinator's setting names)."""
+    def names(allowed: tuple[str, ...] | None) -> str:
+        return "any" if allowed is None else ", ".join(allowed)
+
+    return (f"batch-size >= {policy.min_batch_size}, local-steps >= {policy.min_local_steps}, num-rounds <= "
+            f"{policy.max_rounds}, models: {names(policy.allowed_models)}, losses: {names(policy.allowed_losses)}")
 
 
 def _yes(value: bool) -> str:

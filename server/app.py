@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.baselines import pooled_problem, train_local_models, train_pooled_model
+from server.central_dp import central_privacy
 from server.checkpoint import (
     CHECKPOINTS, FINAL, LAST, RoundState, completed_rounds, resume_points, resumed_recorder, write_global,
 )
@@ -117,7 +118,8 @@ def run_federation(grid: Grid, settings: RunSettings) -> RunRecorder:
         write_global(run_dir, model, models[name], settings=settings, normalisation=recorder.normalisation,
                      name=target, round_=settings.num_rounds, export=True)
     main = next(iter(plan))
-    recorder.write_summary(settings.num_rounds, main, {"model": spec},
+    extra = {"model": spec, **({"central_dp": central_privacy(settings)} if settings.dp == "central" else {})}
+    recorder.write_summary(settings.num_rounds, main, extra,
                            members=[site.name for site in plan[main].sites.values()])
 
     trained_on = {name: sorted(site.name for site in members.sites.values()) for name, members in plan.items()}
@@ -139,7 +141,8 @@ def run_federation(grid: Grid, settings: RunSettings) -> RunRecorder:
             write_global(run_dir, model, arrays, settings=settings, normalisation=recorder.normalisation,
                          name=model_file(name), round_=settings.num_rounds, export=True)
 
-    results = cross_evaluate(sites.named("cross-site"), settings, models, score_own_local=bool(kept))
+    results = cross_evaluate(sites.named("cross-site"), settings, models, score_own_local=bool(kept),
+                             recorder=recorder)
     results.notes[:0] = [f"local:{site} stays at {site} (its site.toml keeps it there): scored at {site} only"
                          for site in kept]
     write_cross_site(run_dir, results, site_descriptions(sites, plan), model_descriptions(trained_on, kept))

@@ -18,7 +18,8 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from server.run_log import RunRecorder
 from server.settings import RunSettings
-from server.sites import SiteGrid, site_about, site_name
+from server.sites import SiteGrid, site_about
+from server.strategies import note_refusal
 from server.updates import update_problem
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def _config(settings: RunSettings, **extra: int) -> ConfigRecord:
 def train_local_models(
     grid: SiteGrid, settings: RunSettings, initial: ArrayRecord, recorder: RunRecorder
 ) -> LocalModels:
-    """Every site of ``grid`` trains its local-only model; a site that fails is logged and left out."""
+    """Every site of ``grid`` trains its local-only model; a site that fails or refuses is logged and left out."""
     config = _config(settings, **{"local-rounds": settings.num_rounds})
     messages = [
         grid.create_message(RecordDict({"arrays": initial, "config": config}), TRAIN_LOCAL, node, group_id="local")
@@ -62,9 +63,11 @@ def train_local_models(
     ]
     shared, kept = {}, []
     for reply in grid.send_and_receive(messages, timeout=settings.round_timeout * settings.num_rounds):
-        site = site_name(reply)
+        site = grid.site_of(reply)  # an error reply does not name its site
         if reply.has_error():
             log.error("site %s could not train its local-only model: %s", site, reply.error.reason)
+            continue
+        if note_refusal(reply, recorder, settings.num_rounds, f"local:{site}"):
             continue
         content = reply.content
         recorder.record(settings.num_rounds, "train", site, dict(content["metrics"]), site_about(reply),
@@ -83,14 +86,17 @@ def train_local_models(
 def train_pooled_model(
     grid: SiteGrid, settings: RunSettings, initial: ArrayRecord, recorder: RunRecorder
 ) -> ArrayRecord | None:
-    """The pooled model, trained by the first site of ``grid`` on every simulated site's training data."""
+    """The pooled model, trained by the first site of ``grid`` on every simulated site's training data; None when
+    that site fails or refuses."""
     sites = len(grid.sites)
     config = _config(settings, **{"local-rounds": settings.num_rounds, "pooled-steps": settings.local_steps * sites})
     node = min(grid.sites, key=lambda n: grid.sites[n].name)
     message = grid.create_message(RecordDict({"arrays": initial, "config": config}), TRAIN_POOLED, node, "pooled")
     (reply,) = grid.send_and_receive([message], timeout=settings.round_timeout * settings.num_rounds * sites)
     if reply.has_error():
-        log.error("the pooled baseline failed: %s", reply.error.reason)
+        log.error("the pooled baseline failed at site %s: %s", grid.site_of(reply), reply.error.reason)
+        return None
+    if note_refusal(reply, recorder, settings.num_rounds, "pooled"):
         return None
     problem = update_problem(reply.content, initial)
     if problem:

@@ -23,14 +23,17 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from server.run_log import atomic_write_text, file_stem
+from server.run_log import RunRecorder, atomic_write_text, file_stem
 from server.settings import RunSettings
-from server.sites import SiteGrid, site_name
+from server.sites import SiteGrid
+from server.strategies import note_refusal
 from shared_models.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
 EVALUATE_CROSS = "evaluate.cross"
+#: The ``experiment`` of the cross-site evaluation's rows in metrics.jsonl (a site's refusal).
+CROSS_SITE = "cross-site"
 MODEL_PREFIX = "model:"
 SCORES_PREFIX = "scores:"
 PREVIEWS = "previews"
@@ -49,11 +52,13 @@ class CrossSiteResults:
 
 
 def cross_evaluate(
-    grid: SiteGrid, settings: RunSettings, models: Mapping[str, ArrayRecord], score_own_local: bool
+    grid: SiteGrid, settings: RunSettings, models: Mapping[str, ArrayRecord], score_own_local: bool,
+    recorder: RunRecorder,
 ) -> CrossSiteResults:
     """Send every model in ``models`` to every site of ``grid`` and gather the per-scan scores.
 
-    ``score_own_local``: sites that kept their local-only model score it too (as ``local:SITE``).
+    ``score_own_local``: sites that kept their local-only model score it too (as ``local:SITE``). A site that
+    refuses is recorded in ``recorder`` (experiment :data:`CROSS_SITE`) and noted; it has no column.
     """
     config = ConfigRecord(settings.round_config())
     config["server-round"] = settings.num_rounds
@@ -66,10 +71,13 @@ def cross_evaluate(
     replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
     results = CrossSiteResults(seconds=round(time.perf_counter() - start, 3))
     for reply in replies:
-        site = site_name(reply)
+        site = grid.site_of(reply)  # an error reply does not name its site
         if reply.has_error():
             log.error("cross-site evaluation failed at site %s: %s", site, reply.error.reason)
             results.notes.append(f"{site}: the cross-site evaluation failed there; it has no column")
+            continue
+        if note_refusal(reply, recorder, settings.num_rounds, CROSS_SITE):
+            results.notes.append(f"{site}: refused the cross-site evaluation (see the refusals); it has no column")
             continue
         for key, record in reply.content.metric_records.items():
             if key.startswith(SCORES_PREFIX):

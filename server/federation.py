@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
+from server.central_dp import with_central_dp
 from server.checkpoint import RoundState, write_global
 from server.run_log import RunRecorder
 from server.settings import RunSettings
@@ -66,7 +67,8 @@ def train_federated(
                          name=checkpoint, round_=done + local_round, experiment=experiment)
         return None
 
-    result = (ResumedRounds(strategy, done) if done else strategy).start(
+    outer: Strategy = with_central_dp(strategy, settings, len(grid.sites)) if settings.dp == "central" else strategy
+    result = (ResumedRounds(outer, done) if done else outer).start(
         grid=grid,
         initial_arrays=arrays,
         num_rounds=settings.num_rounds - done,

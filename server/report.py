@@ -26,6 +26,16 @@ report.json (``"schema": "fedsr-report/1"``), keys in this order:
   other site's local model that was scored at SITE.
 - ``rounds`` / ``training``: metrics.jsonl's ``evaluate`` / ``train`` rows in file order, without ``phase``, each
   with ``experiment`` (the model the row's training belongs to: ``global`` when the row has none, ``holdout:SITE``, ``local:SITE``, ``pooled``).
+- ``refusals``: metrics.jsonl's ``refused`` rows in file order, each ``{"experiment", "round", "site", "request",
+  "category", "reason"}``: a site declined ``request`` (a message type: ``train``, ``evaluate``, ``train.local``,
+  ``train.pooled``, ``evaluate.cross``) of that round, for the reason it gave (e.g. its site.toml ``[policy]``).
+- ``privacy``: ``{"dp": "none" | "local", "unit", "target_epsilon", "warning": str | null, "sites": {SITE:
+  {"epsilon", "delta", "noise_multiplier", "sample_rate", "units", "clip_norm", "clipped_fraction", "round"}}}``:
+  (and ``"central"``: summary.json's ``central_dp``, ``{"unit": "site", "epsilon", "delta", "noise_multiplier",
+  "clipping", "clip_norm", "rounds"}``, for ``dp = "central"``, else null): the run's DP settings, and per site (local
+  DP) the privacy spent as of its last DP train row of the federated model
+  (``epsilon``: the site ledger's total per unit at ``delta``, across runs; ``round``: that row's round).
+  ``warning``: set for patch-level DP (the guarantee covers an image tile, not a patient).
 - ``previews``: ``{SITE: {"file": "previews/SITE.npz", "models": [MODEL, ...]}}`` (the ``sr:MODEL`` arrays it holds).
 - ``notes``: cross_site.json's notes, then the report's own (no cross-site evaluation, sites without test scores,
   sites with fewer than 3 test scans).
@@ -50,8 +60,9 @@ from typing import Any
 import numpy as np
 from scipy.stats import bootstrap
 
-from server.run_log import atomic_write_text, file_stem, read_run_config
+from server.run_log import REFUSAL_KEYS, REFUSED, atomic_write_text, file_stem, read_run_config
 from shared_models.errors import ExplainedError
+from shared_models.settings import PATCH_UNIT_WARNING
 
 SCHEMA = "fedsr-report/1"
 CROSS_SITE_FORMAT = "fedsr-cross-site/1"
@@ -70,6 +81,8 @@ METRICS: dict[str, dict[str, Any]] = {
 #: The gain metrics and the scored metric each is the paired difference of.
 GAINS = {"psnr-gain": "psnr", "ssim-gain": "ssim"}
 INTERPOLATION = "interpolation"
+#: A site's DP numbers in report.json's ``privacy`` (each the train row's ``dp-`` key, ``_`` as ``-``).
+PRIVACY_KEYS = ("epsilon", "delta", "noise_multiplier", "sample_rate", "units", "clip_norm", "clipped_fraction")
 MIN_SCANS_FOR_CI = 3
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
@@ -136,6 +149,8 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         "leave_one_out": leave_one_out(stored["models"], scores),
         "rounds": [_row(r) for r in rows if r.get("phase") == "evaluate"],
         "training": [_row(r) for r in rows if r.get("phase") == "train"],
+        "refusals": [_refusal(r) for r in rows if r.get("phase") == REFUSED],
+        "privacy": privacy_summary(config, rows, read_summary(run_dir / "summary.json").get("central_dp")),
         "previews": list_previews(run_dir / "previews", list(sites)),
         "notes": notes,
     }
@@ -241,6 +256,40 @@ def _row(row: Mapping[str, Any]) -> dict[str, Any]:
     """A metrics.jsonl row for the report: ``experiment`` first (``global`` by default), ``phase`` dropped."""
     return {"experiment": row.get("experiment", "global"),
             **{k: v for k, v in row.items() if k not in ("phase", "experiment")}}
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """summary.json's dict ({} when the run has none yet: it is written when the federated training ends)."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ReportInputError(path, f"not readable JSON ({error})",
+                               "Restore the file the run wrote, or delete it to build the report without it") from None
+
+
+def privacy_summary(config: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
+                    central: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """report.json's ``privacy`` (see the module docstring) from the run config, metrics.jsonl's rows and, for
+    central DP, summary.json's ``central_dp``."""
+    sites: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row.get("phase") == "train" and row.get("experiment", "global") == "global" and "dp-epsilon" in row:
+            sites[row["site"]] = {key: row[f"dp-{key.replace('_', '-')}"] for key in PRIVACY_KEYS} | {
+                "round": row["round"]}
+    unit = config.get("dp-unit", "patient")
+    if config.get("dp") == "central":
+        unit = "site"
+    return {"dp": config.get("dp", "none"), "unit": unit, "target_epsilon": config.get("dp-target-epsilon"),
+            "warning": PATCH_UNIT_WARNING if config.get("dp") == "local" and unit == "patch" else None,
+            "sites": sites, "central": dict(central) if central else None}
+
+
+def _refusal(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A metrics.jsonl refusal row for the report (a missing key: an empty string)."""
+    return {"experiment": row.get("experiment", "global"), "round": row["round"], "site": row["site"],
+            **{key: str(row.get(key, "")) for key in REFUSAL_KEYS}}
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

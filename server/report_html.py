@@ -4,9 +4,10 @@ No external CSS, script, font or image: the figures (:mod:`server.report_plots`)
 ``data:`` URIs, and every number a figure shows is also in an HTML table. Every string from the run (site names,
 scanners, notes: they come from hospitals' ``site.toml``) is HTML-escaped.
 
-Sections, in order: header and notes, cross-site heatmaps (one per metric), gain over interpolation, validation
-curves per round, leave-one-out (when the run has holdout models), data consistency, example crops (sites that
-share previews only), sites.
+Sections, in order: header and notes, refusals (when a site refused a request), privacy (a run with DP: the
+epsilon each site spent), cross-site heatmaps (one per
+metric), gain over interpolation, validation curves per round, leave-one-out (when the run has holdout models), data
+consistency, example crops (sites that share previews only), sites.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ thead th{background:#f0f0f3}td:first-child{white-space:nowrap}tbody tr:nth-child
 .missing{color:#888;font-style:italic}.wrap{overflow-x:auto}
 details{margin:4px 0 16px}summary{cursor:pointer;color:#235}
 p.note{color:#444}
+p.warning{color:#8a1c00;font-weight:600}
 table.crops td{vertical-align:top;padding:2px}table.crops th{vertical-align:middle;white-space:nowrap}
 img.tile{image-rendering:pixelated;display:block}.sub{font-size:11px;color:#555;margin-top:4px}
 .scale{font-size:12px;margin:2px 0 16px}.scale .bar{display:inline-block;width:160px;height:10px;
@@ -73,6 +75,8 @@ def render_report_html(report: Mapping[str, Any], run_dir: Path) -> str:
     models = list(report["models"])
     sections = [
         _header(report, run_dir, sites),
+        _refusals(report),
+        _privacy(report),
         _cross_site(report, models, sites),
         _gains(report, models, sites),
         _rounds(report, sites),
@@ -169,17 +173,63 @@ def _header(report: Mapping[str, Any], run_dir: Path, sites: Sequence[str]) -> s
         "Created": str(report.get("created", "?")),
     }
     facts_html = "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in facts.items())
-    links = [("notes", "Notes"), ("cross-site", "Cross-site"), ("gain", "Gain"), ("rounds", "Rounds"),
-             ("leave-one-out", "Leave-one-out"), ("consistency", "Consistency"), ("previews", "Crops"),
-             ("sites", "Sites")]
+    links = [("notes", "Notes"), ("refusals", "Refusals"), ("cross-site", "Cross-site"), ("gain", "Gain"),
+             ("rounds", "Rounds"), ("leave-one-out", "Leave-one-out"), ("consistency", "Consistency"),
+             ("previews", "Crops"), ("sites", "Sites")]
     if not report.get("leave_one_out"):
         links.remove(("leave-one-out", "Leave-one-out"))
+    if not report.get("refusals"):
+        links.remove(("refusals", "Refusals"))
+    if (report.get("privacy") or {}).get("dp", "none") != "none":
+        links.insert(links.index(("cross-site", "Cross-site")), ("privacy", "Privacy"))
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in links)
     notes = report.get("notes") or []
     notes_html = ("<ul>" + "".join(f"<li>{escape(str(n))}</li>" for n in notes) + "</ul>") if notes \
         else '<p class="note">No notes.</p>'
     return (f'<header id="header"><h1>Federated super-resolution: cross-site report</h1>'
             f'<dl class="run">{facts_html}</dl><nav>{nav}</nav></header>\n' + _section("notes", "Notes", notes_html))
+
+
+def _refusals(report: Mapping[str, Any]) -> str:
+    """The requests sites refused (report.json's ``refusals``): a table, or nothing when none was refused."""
+    refusals = report.get("refusals") or []
+    if not refusals:
+        return ""
+    rows = ([escape(str(r["site"])), escape(str(r["round"])), escape(str(r["request"])), escape(str(r["experiment"])),
+             escape(str(r["category"])), escape(str(r["reason"]))] for r in refusals)
+    body = ("<p>Requests a site declined, with the reason it gave (its site.toml <code>[policy]</code>, or its "
+            "privacy budget); for that request the site was absent, as a site that does not reply.</p>"
+            + _table(["site", "round", "phase", "experiment", "category", "reason"], rows,
+                     text_columns=(0, 2, 3, 4, 5)))
+    return _section("refusals", "Refusals", body)
+
+
+def _privacy(report: Mapping[str, Any]) -> str:
+    """What differential privacy the sites spent (report.json's ``privacy``); nothing for a run without DP."""
+    privacy = report.get("privacy") or {}
+    if privacy.get("dp", "none") == "none":
+        return ""
+    rows = ([escape(site), f"{p['epsilon']:.3f}", f"{p['delta']:g}", f"{p['noise_multiplier']:.3f}",
+             f"{p['sample_rate']:.3f}", str(int(p["units"])), f"{p['clipped_fraction']:.0%}", str(p["round"])]
+            for site, p in sorted(privacy.get("sites", {}).items()))
+    central = privacy.get("central")
+    if central:
+        body = (f"<p>Central differential privacy: every site's update clipped ({escape(str(central['clipping']))}, "
+                f"norm {central['clip_norm']:g}) and Gaussian noise on their average; the privacy unit is the "
+                "<strong>site</strong> (whether a hospital took part at all).</p>"
+                + _table(["unit", "epsilon", "delta", "noise multiplier", "rounds"],
+                         [["site", f"{central['epsilon']:.3f}", f"{central['delta']:g}",
+                           f"{central['noise_multiplier']:.3f}", str(central["rounds"])]]))
+        return _section("privacy", "Privacy", body)
+    warning = privacy.get("warning")
+    body = (f"<p>DP-SGD at every site, the privacy unit is the <strong>{escape(str(privacy.get('unit')))}"
+            f"</strong>; noise planned for a target epsilon of {escape(str(privacy.get('target_epsilon')))} over "
+            "the whole training. Epsilon is each site ledger's total (across runs, at the site's delta) after its "
+            "last round of this run; refused rounds spent nothing.</p>"
+            + (f'<p class="warning">{escape(warning)}</p>' if warning else "")
+            + _table(["site", "epsilon", "delta", "noise multiplier", "sampling rate", "units", "clipped",
+                      "after round"], rows))
+    return _section("privacy", "Privacy", body)
 
 
 def _cross_site(report: Mapping[str, Any], models: Sequence[str], sites: Sequence[str]) -> str:

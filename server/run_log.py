@@ -25,6 +25,11 @@ from shared_models.errors import ExplainedError
 RESUME_FREE = ("resume", "run-dir")
 #: Keys of a ``metrics.jsonl`` row that are not the site's metrics.
 ROW_KEYS = ("experiment", "round", "phase", "site", "time")
+#: ``phase`` of a row that records a site's refusal; its other keys are :data:`REFUSAL_KEYS`.
+REFUSED = "refused"
+#: A refusal row's own keys: the message type refused (``train``, ``evaluate``, ``train.local``, ...), and the
+#: category and reason the site gave.
+REFUSAL_KEYS = ("request", "category", "reason")
 
 
 class ResumeError(ExplainedError, ValueError):
@@ -106,8 +111,9 @@ class RunRecorder:
     evaluation of each experiment.
 
     ``experiment`` names the model being trained: ``global`` (the federation of every site), ``holdout:SITE`` (the
-    federation without SITE), ``local:SITE`` or ``pooled`` (the baselines). ``phase`` is ``train`` or ``evaluate``;
-    round 0 is the untrained model's evaluation.
+    federation without SITE), ``local:SITE`` or ``pooled`` (the baselines), ``cross-site`` (the cross-site
+    evaluation). ``phase`` is ``train`` or ``evaluate``, or :data:`REFUSED` for a site's refusal of a request
+    (:meth:`record_refusal`); round 0 is the untrained model's evaluation.
     """
 
     def __init__(self, run_dir: Path) -> None:
@@ -116,6 +122,7 @@ class RunRecorder:
         self.latest_evaluation: dict[str, dict[str, dict[str, float]]] = {}
         self.evaluated_round: dict[str, dict[str, int]] = {}  # each experiment's last evaluated round per site
         self.normalisation: dict[str, dict[str, Any]] = {}
+        self.refusals: list[dict[str, Any]] = []  # the refusal rows, in order
         self.started = time.time()
 
     def record(
@@ -140,6 +147,19 @@ class RunRecorder:
         if "normalisation" in about:
             self.normalisation[site] = json.loads(str(about["normalisation"]))
         row.update({k: v for k, v in metrics.items()})
+        self._append(row)
+
+    def record_refusal(
+        self, server_round: int, request: str, site: str, category: str, reason: str, experiment: str = "global"
+    ) -> None:
+        """Append the row of a site's refusal of ``request`` (a message type) in ``server_round`` of ``experiment``,
+        with the ``category`` and ``reason`` the site gave (phase :data:`REFUSED`)."""
+        self._append({"experiment": experiment, "round": server_round, "phase": REFUSED, "site": site,
+                      "time": round(time.time() - self.started, 3), "request": request, "category": category,
+                      "reason": reason})
+
+    def _append(self, row: dict[str, Any]) -> None:
+        """Append ``row`` as one line (flushed and fsynced) and remember what later rows and the summary need."""
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
             handle.flush()
@@ -147,7 +167,9 @@ class RunRecorder:
         self._remember(row)
 
     def _remember(self, row: Mapping[str, Any]) -> None:
-        """Keep an evaluation row as its experiment's latest at its site."""
+        """Keep an evaluation row as its experiment's latest at its site, and every refusal row."""
+        if row["phase"] == REFUSED:
+            self.refusals.append(dict(row))
         if row["phase"] == "evaluate":
             latest = {k: v for k, v in row.items() if k not in ROW_KEYS}
             self.latest_evaluation.setdefault(row["experiment"], {})[row["site"]] = latest
@@ -168,11 +190,13 @@ class RunRecorder:
     ) -> Path:
         """``summary.json``: the last evaluation of every site of ``experiment`` (the run's main federated model),
         ``missing_sites``: those of its ``members`` that did not evaluate the last round (``{site: last round they
-        evaluated, or null}``: gone during the run, or never there), and the run's size/time."""
+        evaluated, or null}``: gone during the run, or never there), ``refusals``: every refusal recorded so far
+        (``{experiment, round, site, request, category, reason}``), and the run's size/time."""
         evaluated = self.evaluated_round.get(experiment, {})
         summary = {
             "sites": self.latest_evaluation.get(experiment, {}),
             "missing_sites": {site: evaluated.get(site) for site in sorted(members) if evaluated.get(site) != rounds},
+            "refusals": [{k: v for k, v in row.items() if k not in ("phase", "time")} for row in self.refusals],
             "model_name": experiment,
             "rounds": rounds,
             "wall_seconds": round(time.time() - self.started, 3),

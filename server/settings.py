@@ -28,7 +28,6 @@ class RunSettings(SiteSettings):
     sites with the round config.
     """
 
-    num_rounds: int = setting(5, "Federated rounds.", flag="--rounds", minimum=1)
     num_sites: int = setting(3, "Sites in the federation (simulation: phantom sites to generate).", flag="--sites",
                              minimum=1)
     min_sites: int = setting(2, "Sites that must reply usably in every round for the run to go on.",

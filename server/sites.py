@@ -75,6 +75,12 @@ class SiteGrid(Grid):
         """The view without the site called ``name``."""
         return self.named(part, [site for site in self.sites.values() if site.name != name])
 
+    def site_of(self, reply: Message) -> str:
+        """The display name of the site ``reply`` comes from: the grid's name for the node that sent it (an error
+        reply says nothing of its site), else the name in the reply (:func:`site_name`)."""
+        node = reply.metadata.src_node_id
+        return self.sites[node].name if node in self.sites else site_name(reply)
+
     def by_name(self, name: str) -> SiteInfo:
         for site in self.sites.values():
             if site.name == name:
@@ -150,8 +156,8 @@ def describe_sites(grid: Grid, node_ids: list[int], config: ConfigRecord, timeou
     for reply in everyone.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            log.error("site at node %d failed to prepare its data and takes no part in this run: %s", node,
-                      reply.error.reason)
+            log.error("site at node %d could not describe itself and takes no part in this run: %s", node,
+                      reply.error.reason)  # the site's category and reason; the detail stays in its own log
             continue
         about = site_about(reply)
         name = str(about["name"])

@@ -17,6 +17,22 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two looks at which sites are connected while a round waits for the missing ones.
 POLL_SECONDS = 0.2
+#: The record of a site's reply that says it refuses the request (``category``, ``reason``; ``client.policy``).
+REFUSAL = "refusal"
+
+
+def note_refusal(reply: Message, recorder: RunRecorder, server_round: int, experiment: str) -> bool:
+    """Whether ``reply`` is a site's refusal. A refusal is logged (WARNING: the site, the request, the category and
+    the reason the site gave) and recorded in ``metrics.jsonl`` (:meth:`RunRecorder.record_refusal`) as part of
+    ``experiment``'s ``server_round``; the caller then treats the site as absent for that request."""
+    if reply.has_error() or REFUSAL not in reply.content.config_records:
+        return False
+    refusal = reply.content.config_records[REFUSAL]
+    site, request = site_name(reply), reply.metadata.message_type
+    category, reason = str(refusal.get("category", "")), str(refusal.get("reason", ""))
+    log.warning("round %d %s: site %s refused (%s): %s", server_round, request, site, category, reason)
+    recorder.record_refusal(server_round, request, site, category, reason, experiment)
+    return True
 
 
 class SiteFedAvg(FedAvg):
@@ -107,7 +123,8 @@ class SiteFedAvg(FedAvg):
         return [msg for msg, _site in self._sent]
 
     def _usable(self, server_round: int, phase: str, replies: Iterable[Message]) -> list[Message]:
-        """The replies to aggregate, in site-name order; the others are logged with their site's name.
+        """The replies to aggregate, in site-name order; the others are logged with their site's name, and a
+        site's refusal is also recorded (:func:`note_refusal`): the site is absent from the round, as a missing one.
 
         Raises:
             FederationError: fewer than ``required_sites`` usable replies; names the sites without one.
@@ -123,6 +140,8 @@ class SiteFedAvg(FedAvg):
             if msg.has_error():
                 log.error("round %d %s: site %s failed: %s", server_round, phase, site, msg.error.reason)
                 continue
+            if note_refusal(msg, self.recorder, server_round, self.experiment):
+                continue
             problem = update_problem(msg.content, self.reference) if phase == "train" else None
             if problem:
                 log.error("round %d: update from site %s rejected: %s", server_round, site, problem)
@@ -136,8 +155,8 @@ class SiteFedAvg(FedAvg):
             raise FederationError(
                 f"round {server_round} {phase}: only {len(usable)} of {len(self._sent)} site(s) replied usably, "
                 f"{self.required_sites} required (min-sites); no usable reply from: {', '.join(without)} (see the "
-                "errors above). Check that their SuperNodes run (a restarted one rejoins), or run with a lower "
-                "min-sites"
+                "errors and refusals above). Check that their SuperNodes run (a restarted one rejoins) and that the "
+                "run's settings are within their site.toml [policy], or run with a lower min-sites"
             )
         return usable
 

@@ -8,6 +8,7 @@ help. A part's module is imported when one of its commands runs, never to list t
 - ``fedsr sites check DIR``: ``client.cli``, a hospital's; ``pip install fedsr``.
 - ``fedsr sites make-phantoms DIR``: ``simulation.cli``; ``pip install fedsr``.
 - ``fedsr simulate``: ``simulation.cli``; ``pip install "fedsr[simulation]"`` (Flower's simulation engine, Ray).
+- ``fedsr privacy show|reset SITE_DIR``: ``client.cli``, a hospital's; ``pip install fedsr``.
 - ``fedsr report RUN_DIR``: ``server.cli``, the coordinator's; ``pip install fedsr``.
 - ``fedsr deploy ...``: ``deploy.cli``, a real federation (credentials, SuperLink, SuperNodes); ``pip install fedsr``.
 
@@ -47,6 +48,8 @@ COMMANDS: dict[str, Lazy] = {
     ),
     "report": Lazy("server.cli:report_app",
                    "Rebuild a run folder's report (report.json, report.html) from its stored results."),
+    "privacy": Lazy("client.cli:privacy_app",
+                    "A site's privacy ledger: the epsilon it has spent (show), and its logged reset."),
     "deploy": Lazy("deploy.cli:deploy_app",
                    "Run a real federation: credentials, SuperLink, registered SuperNodes (Flower)."),
 }

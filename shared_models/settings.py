@@ -26,6 +26,17 @@ from typing import Any, ClassVar, TypeVar
 
 from shared_models.registry import DEFAULT_MODEL
 
+#: ``dp`` choices: no differential privacy, DP-SGD at every site (client/privacy.py), or central DP on the
+#: sites' updates with Flower's DP strategy wrappers (server/central_dp.py).
+DP_MODES = ("none", "local", "central")
+#: ``dp-clipping`` choices (central DP): where each site's update is clipped, and with a fixed or adaptive norm.
+DP_CLIPPING = ("server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
+#: ``dp-unit`` choices: whose data one unit of the guarantee protects.
+DP_UNITS = ("patient", "patch")
+#: Logged with every patch-level DP round and shown in the report: what the weaker unit means.
+PATCH_UNIT_WARNING = ("dp-unit is 'patch': the guarantee covers one image tile, not a patient; a patient's "
+                      "other tiles are not protected by it")
+
 PlainValue = bool | int | float | str
 S = TypeVar("S", bound="Settings")
 
@@ -170,6 +181,8 @@ class SiteSettings(Settings):
     spatial_dims: int = setting(2, "2: slice by slice; 3: whole volumes in tiles.", flag="--spatial-dims",
                                 choices=(2, 3))
     scale: int = setting(2, "Super-resolution factor.", flag="--scale", choices=(2, 4))
+    num_rounds: int = setting(5, "Federated rounds (sites plan their privacy noise and check their policy with "
+                              "it).", flag="--rounds", minimum=1)
     local_steps: int = setting(40, "Optimiser steps per site per round.", flag="--local-steps", minimum=1)
     batch_size: int = setting(16, "Patches per optimiser step.", flag="--batch-size", minimum=1)
     patch_size: int = setting(48, "High-resolution patch side in pixels (a multiple of the scale).",
@@ -182,6 +195,25 @@ class SiteSettings(Settings):
     seed: int = setting(0, "Seed of phantoms, initial weights, patch sampling and LR noise.", flag="--seed")
     eval_max_slices: int = setting(48, "At most this many slices with anatomy are scored per validation scan.",
                                    minimum=1)
+    dp: str = setting("none", "Differential privacy: none; local (DP-SGD at every site with Opacus, the patient "
+                      "as the privacy unit); central (each site's update clipped, noise on the average: the site "
+                      "as the unit, Flower's DP wrappers).", flag="--dp", choices=DP_MODES)
+    dp_clipping: str = setting("server-fixed", "Central DP: where updates are clipped (server or client) and "
+                               "whether the norm is fixed (dp-clip-norm) or adapted from it.",
+                               flag="--dp-clipping", choices=DP_CLIPPING)
+    dp_unit: str = setting("patient", "DP privacy unit: patient (all of a patient's patches in a step clipped "
+                           "together), or patch (weaker: one image tile; a warning is recorded).",
+                           flag="--dp-unit", choices=DP_UNITS)
+    dp_clip_norm: float = setting(1.0, "DP: bound C on each unit's gradient norm (local), or on each site's "
+                                  "update norm (central; the initial norm when adaptive).", flag="--dp-clip-norm",
+                                  positive=True)
+    dp_noise_multiplier: float = setting(0.0, "DP: Gaussian noise std over C; 0: planned from "
+                                         "dp-target-epsilon for all rounds x local steps (central: all rounds).",
+                                         flag="--dp-noise-multiplier", minimum=0)
+    dp_target_epsilon: float = setting(8.0, "DP: the epsilon the whole planned training may spend at a site "
+                                       "(at the site's delta).", flag="--dp-target-epsilon", positive=True)
+    dp_patches_per_patient: int = setting(8, "DP, patient unit: patches drawn from each patient in a step (the "
+                                          "expected patients per step is batch-size / this).", minimum=1)
 
     def problems(self) -> list[str]:
         problems = []

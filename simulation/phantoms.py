@@ -273,7 +273,9 @@ def write_phantom_sites(
 
 def _site_toml(name: str, look: ScannerLook, split_seed: int) -> str:
     """The ``site.toml`` text of a phantom site: name, modality, scanner, consent to share its local model and
-    test previews (simulated data: no patient to protect), ``[acquisition]``, ``[split]`` seed and fractions.
+    test previews (simulated data: no patient to protect), ``[acquisition]``, ``[split]`` seed and fractions, and a
+    ``[policy]`` that accepts any batch size and step count (no patient to protect either; quick runs and tests use
+    batches and rounds smaller than a real site's safe defaults).
 
     Numeric acquisition overrides are written as floats (mm, noise fractions), string ones as they are.
     """
@@ -289,6 +291,7 @@ def _site_toml(name: str, look: ScannerLook, split_seed: int) -> str:
             "share_previews": True,
             "acquisition": acquisition,
             "split": {"seed": int(split_seed), "fractions": list(SPLIT_FRACTIONS)},
+            "policy": {"min_batch_size": 1, "min_local_steps": 1},
         }
     )
 

@@ -47,7 +47,7 @@ class MetricsFollower:
         self.offset += len(complete.encode("utf-8"))
         new = [json.loads(line) for line in complete.splitlines() if line.strip()]
         for row in new:
-            if row.get("experiment", "global") == self.experiment:
+            if row.get("experiment", "global") == self.experiment and row["phase"] in ("train", "evaluate"):
                 self.rounds[row["round"]][row["phase"]][row["site"]] = row
         self.rows.extend(new)
         return new

@@ -80,9 +80,10 @@ def test_the_run_finishes_with_the_usable_sites(federation):
 
 def test_an_empty_site_fails_alone_with_its_folder_named(federation):
     _run_dir, _rows, log, _names = federation
-    failures = [m for m in log if "failed" in m and "site-0-empty" in m]
+    failures = [m for m in log if "could not describe itself" in m and "site-data" in m]
     assert failures, log
     assert any("empty" in m for m in failures)
+    assert not [m for m in log if "site-0-empty" in m]  # its folder's name stays at the site (the site's own log)
 
 
 def test_a_wrong_shaped_update_is_rejected_and_named(federation):

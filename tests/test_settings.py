@@ -47,7 +47,10 @@ def test_what_travels_to_the_sites_is_the_site_settings_and_the_chosen_familys_o
 # One non-default, valid value per site setting (a value the declaration accepts), set through a run-config text.
 SITE_OVERRIDES = (
     'model="srcnn" model-preset="small" spatial-dims=3 scale=4 local-steps=7 batch-size=3 patch-size=64 '
-    'learning-rate=0.0005 loss="l1:1,ssim:0.2" device="cpu" seed=11 eval-max-slices=5 '
+    'learning-rate=0.0005 loss="l1:1,ssim:0.2" device="cpu" seed=11 eval-max-slices=5 num-rounds=9 '
+    'dp="local" dp-clipping="client-fixed" dp-unit="patch" dp-clip-norm=0.5 dp-noise-multiplier=1.1 '
+    'dp-target-epsilon=3.0 '
+    'dp-patches-per-patient=4 '
     'gan.discriminator="local" gan.warmup-rounds=3 gan.adversarial-weight=0.01'
 )
 

@@ -70,7 +70,8 @@ def non_default_values(tmp_path: Path) -> dict:
         "sites-dir": str(tmp_path / "sites"), "gan.discriminator": "local", "gan.warmup-rounds": 2,
         "gan.adversarial-weight": 0.01, "baselines": "local,pooled", "holdout-site": "site-b",
         "leave-one-out": False,  # excludes holdout-site: checked on its own below
-        "resume": True,
+        "resume": True, "dp": "local", "dp-clipping": "client-adaptive", "dp-unit": "patch", "dp-clip-norm": 0.5,
+        "dp-noise-multiplier": 1.2, "dp-target-epsilon": 3.0, "dp-patches-per-patient": 4,
     }
 
 

@@ -231,14 +231,20 @@ def test_bad_site_toml_names_the_file_and_the_problem(tmp_path, text, problem):
     assert problem in caught.value.problem
 
 
-def test_site_toml_keys_of_features_not_built_are_refused(tmp_path):
-    (tmp_path / "site.toml").write_text('name = "a"\n[privacy]\nepsilon = 8.0\n')
-    with pytest.raises(SiteError) as caught:
-        load_site_config(tmp_path)
-    assert caught.value.path == str(tmp_path / "site.toml")
-    assert "[privacy] is not available" in caught.value.problem
-    assert "differential privacy is not built yet" in caught.value.problem
-    assert caught.value.hint.startswith("remove [privacy]")
+def test_site_toml_privacy_table_is_read_and_checked(tmp_path):
+    (tmp_path / "site.toml").write_text('name = "a"\n[privacy]\nepsilon_budget = 4\ndelta = 1e-6\n')
+    privacy = load_site_config(tmp_path).privacy
+    assert (privacy.required, privacy.epsilon_budget, privacy.delta, privacy.dp_required) == (False, 4.0, 1e-6, True)
+    assert not load_site_config(tmp_path / "absent").privacy.dp_required
+    for text, problem in [("epsilon = 8.0", "unknown key 'epsilon' in [privacy]"),
+                          ("epsilon_budget = -1", "epsilon_budget must be a positive number"),
+                          ("delta = 2", "delta must be a number in (0, 1)"),
+                          ('required = "yes"', "required")]:
+        (tmp_path / "site.toml").write_text(f'name = "a"\n[privacy]\n{text}\n')
+        with pytest.raises(SiteError) as caught:
+            load_site_config(tmp_path)
+        assert caught.value.path == str(tmp_path / "site.toml")
+        assert problem in caught.value.problem, caught.value.problem
 
 
 def test_bad_site_toml_stops_load_site(tmp_path, make):

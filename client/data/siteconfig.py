@@ -27,16 +27,28 @@ Example ``site.toml`` (every key optional)::
     ct_window = [-160.0, 240.0]    # HU mapped to [0, 1]
     mr_percentiles = [0.5, 99.5]   # % of foreground voxels mapped to [0, 1]
 
+    [policy]                       # what this site accepts from the coordinator (SitePolicy; defaults shown)
+    min_batch_size = 8             # fewest patches per optimiser step (the coordinator's batch-size)
+    min_local_steps = 10           # fewest optimiser steps per round (local-steps)
+    max_rounds = 200               # most rounds of one model (num-rounds, server-round)
+    # allowed_models = ["edsr", "srcnn"]   # default: every registered model family
+    # allowed_losses = ["l1", "ssim"]      # default: every loss term
+
 A scan's patient: for DICOM its PatientID (else its SeriesInstanceUID); for NIfTI its ``[subject]`` entry, else
 the BIDS ``sub-<label>`` folder or file-name prefix, else the scan itself.
-Keys of features not built yet (``[privacy]``) are refused rather than ignored, so that no site believes a
-protection is on when it is not.
+    [privacy]                      # differential privacy the site requires (SitePrivacy; client/privacy.py)
+    required = false               # refuse training rounds without DP-SGD
+    epsilon_budget = 8.0           # most epsilon per patient, over all rounds and runs (implies required)
+    delta = 1e-5
+
+Unknown keys are refused rather than ignored, so that no site believes a protection is on when it is not.
 """
 
 from __future__ import annotations
 
 import math
 import tomllib
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -49,18 +61,62 @@ from client.data.volume import MODALITIES
 
 _TOP_KEYS = (
     "name", "modality", "scanner", "supervision", "share_local_model", "share_previews",
-    "acquisition", "subject", "split", "normalisation",
+    "acquisition", "subject", "split", "normalisation", "policy", "privacy",
 )
-#: Keys of features not built yet: (problem, what to do). Refused, so that nothing is accepted that does nothing.
-_NOT_BUILT = {
-    "privacy": (
-        "[privacy] is not available: differential privacy is not built yet",
-        "remove [privacy]; fedsr trains without DP",
-    ),
-}
 _SPLIT_KEYS = ("seed", "fractions", *SPLITS)
 SUPERVISION = ("paired", "self")
 _NORMALISATION_KEYS = ("ct_window", "mr_percentiles")
+_PRIVACY_KEYS = ("required", "epsilon_budget", "delta")
+_POLICY_KEYS = ("min_batch_size", "min_local_steps", "max_rounds", "allowed_models", "allowed_losses")
+
+
+@dataclass(frozen=True)
+class SitePrivacy:
+    """What the site requires of differential privacy (``[privacy]``; :mod:`client.privacy`).
+
+    ``required``: refuse every training round that is not DP-SGD (``dp = "local"``). ``epsilon_budget``: the most
+    epsilon (per privacy unit, at ``delta``) the site's ledger may reach, over all rounds and runs until an
+    operator resets it; a budget implies ``required`` (a round without DP spends an unbounded epsilon). None: no
+    cap (the ledger still records every DP round). ``delta``: the delta of the site's guarantee (default 1e-5;
+    keep it well below 1 / the number of patients).
+    """
+
+    required: bool = False
+    epsilon_budget: float | None = None
+    delta: float = 1e-5
+
+    @property
+    def dp_required(self) -> bool:
+        return self.required or self.epsilon_budget is not None
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """The run settings this site accepts from the coordinator (``[policy]``); :func:`client.policy.check_policy`
+    refuses a request outside them, with a reason the coordinator shows.
+
+    The defaults are safe, not permissive. ``min_batch_size`` (patches per optimiser step, the coordinator's
+    ``batch-size``), default 8: one step on a batch of one patch sends that patch's gradient, from which the patch
+    can be reconstructed (gradient inversion); a mean over many patches is much harder to invert.
+    ``min_local_steps`` (optimiser steps per round, ``local-steps``), default 10: the update then mixes the gradients
+    of many batches. Neither makes inversion impossible: differential privacy bounds it.
+    ``max_rounds``: the most rounds of one model the site trains (the run's ``num-rounds``, and no ``server-round``
+    above it), default 200: each round sends one more update computed from the site's data, so a finite number
+    bounds what one model collects; 200 is 40 times the default run's 5 rounds; a site agreeing to longer runs
+    raises it.
+    ``allowed_models``: the model families the site trains and scores; None (the default) allows every registered
+    family. ``allowed_losses``: the terms the ``loss`` setting may name (``shared_models.losses.LOSS_TERMS``);
+    None allows every term.
+    The issue's other two site choices are kept where they already are: whether previews and the local-only model
+    may leave the site are the top-level ``share_previews`` and ``share_local_model``; whether differential privacy
+    is required is ``[privacy] required``.
+    """
+
+    min_batch_size: int = 8
+    min_local_steps: int = 10
+    max_rounds: int = 200
+    allowed_models: tuple[str, ...] | None = None
+    allowed_losses: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +134,8 @@ class SiteConfig:
     patient lists by split name ("train", "val", "test"), or None to split by fractions with ``split_seed``.
     ``ct_window``: HU (lo, hi) mapped to [0, 1]. ``mr_percentiles``: (lo, hi) in % of foreground voxels.
     ``acquisition`` is the raw table, checked by its consumer (:func:`client.degrade.profile_from_config`).
+    ``policy``: the run settings the site accepts (``[policy]``, :class:`SitePolicy`). ``privacy``: what it
+    requires of differential privacy (``[privacy]``, :class:`SitePrivacy`).
     """
 
     name: str
@@ -94,6 +152,8 @@ class SiteConfig:
     split_subjects: dict[str, tuple[str, ...]] | None = None
     ct_window: tuple[float, float] = (-160.0, 240.0)
     mr_percentiles: tuple[float, float] = (0.5, 99.5)
+    policy: SitePolicy = field(default_factory=SitePolicy)
+    privacy: SitePrivacy = field(default_factory=SitePrivacy)
 
 
 def load_site_config(site_dir: str | PathLike[str]) -> SiteConfig:
@@ -119,12 +179,15 @@ def parse_site_config(data: dict[str, Any], path: str | PathLike[str], default_n
     :func:`client.data.site.load_site` replaces it with the modality of the site's DICOM series, if any.
     """
     check = _Checker(Path(path))
-    check.not_built(data)
     check.known_keys(data, _TOP_KEYS, "")
     split = check.table(data, "split")
     check.known_keys(split, _SPLIT_KEYS, "[split]")
     normalisation = check.table(data, "normalisation")
     check.known_keys(normalisation, _NORMALISATION_KEYS, "[normalisation]")
+    policy = check.table(data, "policy")
+    check.known_keys(policy, _POLICY_KEYS, "[policy]")
+    privacy = check.table(data, "privacy")
+    check.known_keys(privacy, _PRIVACY_KEYS, "[privacy]")
     modality = check.string(data, "modality", "MR").upper()
     if modality not in MODALITIES:
         check.fail(f"modality {data['modality']!r} is not supported", f"use one of {', '.join(MODALITIES)}")
@@ -146,6 +209,8 @@ def parse_site_config(data: dict[str, Any], path: str | PathLike[str], default_n
         split_subjects=check.subject_lists(split),
         ct_window=check.pair(normalisation, "ct_window", (-160.0, 240.0), (-math.inf, math.inf)),
         mr_percentiles=check.pair(normalisation, "mr_percentiles", (0.5, 99.5), (0.0, 100.0)),
+        policy=check.policy(policy),
+        privacy=check.privacy(privacy),
     )
 
 
@@ -157,12 +222,6 @@ class _Checker:
 
     def fail(self, problem: str, hint: str) -> NoReturn:
         raise SiteError(self.path, problem, hint)
-
-    def not_built(self, data: dict[str, Any]) -> None:
-        """Refuse the keys of features that are not built yet (:data:`_NOT_BUILT`)."""
-        for key in data:
-            if key in _NOT_BUILT:
-                self.fail(*_NOT_BUILT[key])
 
     def known_keys(self, data: dict[str, Any], known: tuple[str, ...], where: str) -> None:
         for key in data:
@@ -221,6 +280,44 @@ class _Checker:
                 )
         return dict(table)
 
+    def privacy(self, table: dict[str, Any]) -> SitePrivacy:
+        """``[privacy]``: a boolean, a positive budget, a delta in (0, 1)."""
+        budget = table.get("epsilon_budget")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
+            self.fail(f"[privacy] epsilon_budget must be a positive number, got {budget!r}",
+                      "write e.g. epsilon_budget = 8.0, or remove it for no cap")
+        delta = table.get("delta", SitePrivacy.delta)
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
+            self.fail(f"[privacy] delta must be a number in (0, 1), got {delta!r}", "write e.g. delta = 1e-5")
+        return SitePrivacy(required=self.boolean(table, "required"),
+                           epsilon_budget=None if budget is None else float(budget), delta=float(delta))
+
+    def policy(self, table: dict[str, Any]) -> SitePolicy:
+        """``[policy]``: counts >= 1, names of registered model families and of loss terms."""
+        default = SitePolicy()
+        counts = {key: self.integer(table, key, getattr(default, key))
+                  for key in ("min_batch_size", "min_local_steps", "max_rounds")}
+        for key, value in counts.items():
+            if value < 1:
+                self.fail(f"[policy] {key} must be at least 1, got {value}",
+                          f"write e.g. {key} = {getattr(default, key)}")
+        return SitePolicy(**counts, allowed_models=self.names(table, "allowed_models", _model_families),
+                          allowed_losses=self.names(table, "allowed_losses", _loss_terms))
+
+    def names(self, table: dict[str, Any], key: str, known: Callable[[], Collection[str]]) -> tuple[str, ...] | None:
+        """A ``[policy]`` list of names, each one of ``known()`` (asked only when the key is there); None if absent."""
+        if key not in table:
+            return None
+        value = table[key]
+        if not (isinstance(value, list) and value and all(isinstance(name, str) for name in value)):
+            self.fail(f"[policy] {key} must be a non-empty list of names, got {value!r}",
+                      f"list what the site accepts, or remove {key} to accept every one")
+        unknown = sorted(set(value) - set(known()))
+        if unknown:
+            self.fail(f"[policy] {key} names {', '.join(map(repr, unknown))}, which this installation does not have",
+                      f"use names from: {', '.join(sorted(known()))}")
+        return tuple(dict.fromkeys(value))
+
     def subject_lists(self, split: dict[str, Any]) -> dict[str, tuple[str, ...]] | None:
         named = {name: split[name] for name in SPLITS if name in split}
         if not named:
@@ -238,6 +335,21 @@ class _Checker:
                 if seen.setdefault(subject, name) != name:
                     self.fail(f"[split] patient {subject!r} is in both {seen[subject]} and {name}", "keep one")
         return {name: tuple(named.get(name, [])) for name in SPLITS}
+
+
+def _model_families() -> Collection[str]:
+    """The registered model families. Imported here, only for a site.toml that lists ``allowed_models``: the
+    registry imports every network (torch), which reading a site's data otherwise never needs."""
+    from shared_models.registry import families
+
+    return families().keys()
+
+
+def _loss_terms() -> Collection[str]:
+    """The loss terms (imported here for the same reason as :func:`_model_families`)."""
+    from shared_models.losses import LOSS_TERMS
+
+    return LOSS_TERMS.keys()
 
 
 def _numbers(value: Any, count: int) -> bool:

@@ -20,13 +20,15 @@ from shared_models.settings import FamilyOptions, SiteSettings
 @dataclass(frozen=True)
 class RoundJob(SiteSettings):
     """One round's instructions at a site: the :class:`SiteSettings` the coordinator sent, typed and checked, plus
-    the round number, the family's options, the torch device the site resolved and the SuperNode's node config
-    (``state-dir``, ``device``, ``site-dir``: the site's own, never the coordinator's).
+    the round number, the Flower run's id (the privacy ledger names it), the family's options, the torch device the
+    site resolved and the SuperNode's node config (``state-dir``, ``device``, ``site-dir``: the site's own, never
+    the coordinator's).
 
     ``purpose``: which model the job trains, "" for the federated one, else a baseline's name (``local-baseline``,
     ``pooled``): state a family keeps between rounds (a local discriminator) is kept apart per purpose."""
 
     server_round: int = 0
+    run_id: int = 0
     purpose: str = ""
     options: FamilyOptions | None = None
     torch_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -34,7 +36,8 @@ class RoundJob(SiteSettings):
 
     @classmethod
     def from_config(
-        cls, config: Mapping[str, Any], torch_device: torch.device, node_config: Mapping[str, Any] | None = None
+        cls, config: Mapping[str, Any], torch_device: torch.device, node_config: Mapping[str, Any] | None = None,
+        run_id: int = 0,
     ) -> RoundJob:
         """Parse a round config (a ``ConfigRecord`` or any mapping) sent by the coordinator.
 
@@ -44,6 +47,7 @@ class RoundJob(SiteSettings):
         return cls.parse(
             config,
             server_round=int(config.get("server-round", 0)),
+            run_id=run_id,
             options=options_type.parse(config) if options_type is not None else None,
             torch_device=torch_device,
             node_config=dict(node_config or {}),

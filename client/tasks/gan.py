@@ -16,9 +16,11 @@ relativistic average adversarial loss``, and the discriminator takes one step pe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -27,6 +29,8 @@ import torch
 from torch import nn
 
 from client.pairs import BatchSource, PreparedSite
+from client.privacy import PrivacyPlan, PrivacyUnits, PrivateGradient, clipping_metrics, private_fit, \
+    private_randomness, unit_rows
 from client.state import StateError, load_state, save_state_atomic
 from client.tasks.base import RoundJob
 from client.tasks.supervised import SupervisedTask, round_seed
@@ -40,6 +44,8 @@ log = logging.getLogger(__name__)
 STRUCTURAL_WEIGHT = 0.1
 #: Adversarial formulation (``shared_models.losses.ADVERSARIAL_LOSSES``).
 ADVERSARIAL_LOSS = "relativistic"
+#: ... and under DP, where each sample's loss must depend on that sample alone (see _train_pair_private).
+PRIVATE_ADVERSARIAL_LOSS = "nonsaturating"
 #: Adam betas of both networks (ESRGAN).
 ADAM_BETAS = (0.9, 0.99)
 
@@ -100,6 +106,21 @@ class GanTask(SupervisedTask):
         pair.load_state_dict(weights, strict=False)  # shapes are still checked
 
     def fit(self, model: nn.Module, site: PreparedSite, job: RoundJob, rng: np.random.Generator) -> dict[str, float]:
+        sampler = site.pairing.sampler(site.train, site.scale, job.patch_size, rng)
+        return self._fit_pair(model, site, job, functools.partial(_train_pair, sampler=sampler, job=job))
+
+    def fit_private(self, model: nn.Module, site: PreparedSite, job: RoundJob, rng: np.random.Generator) -> dict[str, float]:
+        """DP-SGD for both networks (the discriminator sees the real scans too): see :func:`_train_pair_private`."""
+
+        def train(model: nn.Module, units: PrivacyUnits, plan: PrivacyPlan, job: RoundJob) -> dict[str, float]:
+            return self._fit_pair(model, site, job, functools.partial(_train_pair_private, units=units, plan=plan,
+                                                                      job=job))
+
+        return private_fit(model, site, job, rng, train)
+
+    def _fit_pair(self, model: nn.Module, site: PreparedSite, job: RoundJob, train) -> dict[str, float]:
+        """``train(pair, gan=options, adversarial=..., optimiser_state=...)`` between restoring and saving a local
+        discriminator (``gan.discriminator = "local"``)."""
         pair = _pair(model)
         options = _options(job)
         adversarial = options.adversarial(job.server_round)
@@ -113,8 +134,7 @@ class GanTask(SupervisedTask):
                 _reset_discriminator(pair, round_seed(site, job))
             else:
                 optimiser_state = restored["optimiser"]
-        sampler = site.pairing.sampler(site.train, site.scale, job.patch_size, rng)
-        stats = _train_pair(pair, sampler, job, options, adversarial, optimiser_state)
+        stats = train(pair, gan=options, adversarial=adversarial, optimiser_state=optimiser_state)
         optimiser_after = stats.pop("optimiser")
         if state_path is not None:
             save_state_atomic(
@@ -133,6 +153,7 @@ class GanTask(SupervisedTask):
 
 def _train_pair(
     pair: GANPair,
+    *,
     sampler: BatchSource,
     job: RoundJob,
     gan: GanOptions,
@@ -145,25 +166,12 @@ def _train_pair(
     discriminator optimiser's state (None when the discriminator was not trained).
     """
     device = job.torch_device
-    terms = parse_loss(job.loss)
-    pixel_loss = build_loss(terms).to(device)
-    structural_name = structural_term(terms, job.patch_size)
-    structural = build_loss({structural_name: 1.0}).to(device) if structural_name else None
+    pixel_loss, structural = _generator_losses(job, device)
     generator_adv, discriminator_adv = ADVERSARIAL_LOSSES[ADVERSARIAL_LOSS]
     generator, discriminator = pair.generator, pair.discriminator
     pair.to(device).train()
     opt_g = torch.optim.Adam(generator.parameters(), lr=job.learning_rate, betas=ADAM_BETAS)
-    opt_d = None
-    if adversarial:
-        opt_d = torch.optim.Adam(discriminator.parameters(), lr=job.learning_rate, betas=ADAM_BETAS)
-        if optimiser_state is not None:
-            try:
-                opt_d.load_state_dict(optimiser_state)
-            except (ValueError, KeyError, RuntimeError) as err:
-                log.warning("discarding the saved discriminator optimiser state (%s)", err)
-                opt_d = torch.optim.Adam(discriminator.parameters(), lr=job.learning_rate, betas=ADAM_BETAS)
-            for group in opt_d.param_groups:
-                group["lr"] = job.learning_rate  # this round's rate, not the saved one
+    opt_d = _discriminator_optimiser(discriminator.parameters(), job, optimiser_state) if adversarial else None
 
     pixel_values, d_values, adv_values = [], [], []
     start = time.perf_counter()
@@ -196,19 +204,126 @@ def _train_pair(
             opt_d.step()
             d_values.append(d_loss.detach())
 
-    tail = max(1, job.local_steps // 4)
-
-    def tail_mean(values: list[torch.Tensor]) -> float:
-        return torch.stack(values[-tail:]).mean().item() if values else 0.0
-
     return {
-        "train-loss": tail_mean(pixel_values),
+        **_tail_means(pixel_values, d_values, adv_values),
         "train-patches": job.local_steps * job.batch_size,
         "train-seconds": time.perf_counter() - start,
-        "d-loss": tail_mean(d_values),
-        "g-adv-loss": tail_mean(adv_values),
         "optimiser": opt_d.state_dict() if opt_d is not None else None,
     }
+
+
+def _train_pair_private(
+    pair: GANPair,
+    *,
+    units: PrivacyUnits,
+    plan: PrivacyPlan,
+    job: RoundJob,
+    gan: GanOptions,
+    adversarial: bool,
+    optimiser_state: dict | None,
+) -> dict:
+    """``plan.steps`` DP-SGD steps of the generator (+ one of the discriminator each when ``adversarial``); in
+    place. The same statistics as :func:`_train_pair`, plus the ``dp-*`` clipping ones.
+
+    Each step samples units once (Poisson) and computes both networks' clipped, noised per-unit gradients on
+    that batch from the networks as they were before the step (the discriminator gets the generator's output
+    before its update). Together that is one Gaussian mechanism on the pair of gradients, of sensitivity
+    sqrt(2) C, so each network gets noise sqrt(2) x sigma x C and the ledger records sigma, the mechanism's
+    multiplier (warm-up rounds train the generator alone, with sigma x C). Under DP the adversarial term is the
+    non-saturating one: the relativistic average compares each sample with the batch mean, so one patient's data
+    would reach every other sample's gradient and per-unit clipping would bound nothing.
+    """
+    device = job.torch_device
+    pixel_loss, structural = _generator_losses(job, device)
+    generator_adv, discriminator_adv = ADVERSARIAL_LOSSES[PRIVATE_ADVERSARIAL_LOSS]
+    generator, discriminator = pair.generator, pair.discriminator
+    pair.to(device, memory_format=torch.contiguous_format).train()
+    sampling, noise = private_randomness(device)
+    scale = math.sqrt(2.0) if adversarial else 1.0
+    private_g = PrivateGradient(generator, plan, noise, noise_scale=scale)
+    private_d = PrivateGradient(discriminator, plan, noise, noise_scale=scale) if adversarial else None
+    opt_g = torch.optim.Adam(private_g.params, lr=job.learning_rate, betas=ADAM_BETAS)
+    opt_d = _discriminator_optimiser(private_d.params, job, optimiser_state) if private_d else None
+    pixel_values, d_values, adv_values, sampled = [], [], [], 0
+    start = time.perf_counter()
+    for _ in range(plan.steps):
+        chosen = np.flatnonzero(sampling.random(plan.units) < plan.sample_rate)
+        rows = unit_rows(len(chosen), units.per_unit)
+        lr, hr = (t.to(device) for t in units.batch(chosen)) if len(chosen) else (None, None)
+        taken: dict[str, torch.Tensor] = {}
+
+        def generator_loss(module: nn.Module) -> torch.Tensor:
+            sr = module(lr)
+            taken["sr"], taken["pixel"] = sr.detach(), pixel_loss(sr, hr)
+            if not adversarial:
+                return taken["pixel"]
+            discriminator.requires_grad_(False)
+            private_d.module.disable_hooks()  # the generator's gradient passes through it: no per-sample work
+            taken["adv"] = generator_adv(discriminator(hr).detach(), discriminator(sr))
+            total = taken["pixel"] + gan.adversarial_weight * taken["adv"]
+            return total + STRUCTURAL_WEIGHT * structural(sr, hr) if structural is not None else total
+
+        def discriminator_loss(module: nn.Module) -> torch.Tensor:
+            logits = module(torch.cat([hr, taken["sr"]]))
+            return discriminator_adv(logits[: len(hr)], logits[len(hr):])
+
+        private_g.step_gradients(generator_loss if len(chosen) else None, rows, len(chosen))
+        if private_d is not None:
+            discriminator.requires_grad_(True)
+            private_d.module.enable_hooks()
+            d_value = private_d.step_gradients(discriminator_loss if len(chosen) else None,
+                                               torch.cat([rows, rows]), len(chosen))
+            opt_d.step()
+            if d_value is not None:
+                d_values.append(torch.tensor(d_value))
+        opt_g.step()
+        sampled += len(chosen)
+        if "pixel" in taken:
+            pixel_values.append(taken["pixel"].detach())
+        if "adv" in taken:
+            adv_values.append(taken["adv"].detach())
+    private_g.close()
+    if private_d is not None:
+        private_d.close()
+    return {
+        **_tail_means(pixel_values, d_values, adv_values),
+        "train-patches": sampled * units.per_unit,
+        "train-seconds": time.perf_counter() - start,
+        "optimiser": opt_d.state_dict() if opt_d is not None else None,
+        **clipping_metrics(private_g.clipped, sampled, plan),
+    }
+
+
+def _generator_losses(job: RoundJob, device: torch.device) -> tuple[nn.Module, nn.Module | None]:
+    """The pixel loss (``job.loss``) and the structural term added after warm-up (None if the loss has it)."""
+    terms = parse_loss(job.loss)
+    structural_name = structural_term(terms, job.patch_size)
+    structural = build_loss({structural_name: 1.0}).to(device) if structural_name else None
+    return build_loss(terms).to(device), structural
+
+
+def _discriminator_optimiser(params, job: RoundJob, optimiser_state: dict | None) -> torch.optim.Adam:
+    """The discriminator's Adam, with the site's saved state when it fits, at this round's learning rate."""
+    params = list(params)
+    opt_d = torch.optim.Adam(params, lr=job.learning_rate, betas=ADAM_BETAS)
+    if optimiser_state is not None:
+        try:
+            opt_d.load_state_dict(optimiser_state)
+        except (ValueError, KeyError, RuntimeError) as err:
+            log.warning("discarding the saved discriminator optimiser state (%s)", err)
+            opt_d = torch.optim.Adam(params, lr=job.learning_rate, betas=ADAM_BETAS)
+        for group in opt_d.param_groups:
+            group["lr"] = job.learning_rate  # this round's rate, not the saved one
+    return opt_d
+
+
+def _tail_means(pixel: list[torch.Tensor], d: list[torch.Tensor], adv: list[torch.Tensor]) -> dict[str, float]:
+    """``train-loss``, ``d-loss`` and ``g-adv-loss``: means over the last quarter of the steps that had them."""
+
+    def tail_mean(values: list[torch.Tensor]) -> float:
+        return torch.stack(values[-max(1, len(values) // 4):]).mean().item() if values else 0.0
+
+    return {"train-loss": tail_mean(pixel), "d-loss": tail_mean(d), "g-adv-loss": tail_mean(adv)}
 
 
 def _restore_discriminator(pair: GANPair, site: PreparedSite, path: Path) -> dict | None:

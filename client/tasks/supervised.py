@@ -15,6 +15,7 @@ from torch import nn
 from client.evaluation import evaluate_pairs
 from client.paired import paired_for
 from client.pairs import Pairing, PreparedSite, prepare_site, site_seed
+from client.privacy import private_fit, refuse_without_dp
 from client.tasks.base import LocalTask, RoundJob, TrainResult
 from client.training import train_supervised
 from shared_models.registry import family_of
@@ -65,10 +66,19 @@ class SupervisedTask(LocalTask):
             seconds += stats.get("train-seconds", 0.0)
         return self._result(model, site, job, {**stats, "train-seconds": seconds})
 
+    def fit_private(self, model: nn.Module, site: PreparedSite, job: RoundJob, rng: np.random.Generator) -> dict[str, float]:
+        """:meth:`fit` under differential privacy (``dp = "local"``): DP-SGD per privacy unit, budget checked and
+        spend recorded (client.privacy)."""
+        return private_fit(model, site, job, rng)
+
     def _round(self, model: nn.Module, site: PreparedSite, job: RoundJob) -> dict[str, float]:
-        """One round of local training with the round's seed."""
+        """One round of local training with the round's seed; DP-SGD when the job asks for it, refused when the
+        site requires DP and the job is without it."""
         seed = round_seed(site, job)
         torch.manual_seed(seed)
+        if job.dp == "local":
+            return self.fit_private(model, site, job, np.random.default_rng(seed))
+        refuse_without_dp(site, job)
         return self.fit(model, site, job, np.random.default_rng(seed))
 
     def _result(self, model: nn.Module, site: PreparedSite, job: RoundJob, stats: dict[str, float]) -> TrainResult:
