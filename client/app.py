@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: Where a site keeps its local-only model for the run (``context.state`` lives as long as the run).
 OWN_LOCAL_MODEL = "own-local-model"
+#: The run's main federated model in the cross-site evaluation (the coordinator's name for it).
+GLOBAL = "global"
 
 
 def build_client_app(simulated_site_dirs: Sequence[str] | None = None, mods: Sequence[Mod] = ()) -> ClientApp:
@@ -98,8 +100,10 @@ def build_client_app(simulated_site_dirs: Sequence[str] | None = None, mods: Seq
 
     @app.evaluate("cross")
     def evaluate_cross(msg: Message, context: Context) -> Message:
-        """Every model sent (and this site's own local-only model, if it kept it) on the site's test split."""
+        """Every model sent (and this site's own local-only model, if it kept it) on the site's test split, and
+        the membership-inference check of the global model (client.membership)."""
         from client.cross_site import score_models
+        from client.membership import MEMBERSHIP, membership_attack
 
         task, job, site, model = _setup(msg, context, simulated_site_dirs)
         models = {key.removeprefix("model:"): record.to_torch_state_dict()
@@ -111,6 +115,11 @@ def build_client_app(simulated_site_dirs: Sequence[str] | None = None, mods: Seq
         records: dict = {f"scores:{name}": MetricRecord(values) for name, values in scores.items()}
         if previews is not None:
             records["previews"] = ArrayRecord({name: Array(crop) for name, crop in previews.items()})
+        if GLOBAL in models:  # the released model: how well a simple attacker tells its training patients apart
+            task.load_global(model, models[GLOBAL], site, job)
+            attack = membership_attack(model, site, job)
+            if attack is not None:
+                records[MEMBERSHIP] = MetricRecord(attack)
         return _reply(msg, site, records)
 
     return app

@@ -37,18 +37,22 @@ CROSS_SITE = "cross-site"
 MODEL_PREFIX = "model:"
 SCORES_PREFIX = "scores:"
 PREVIEWS = "previews"
+#: A site's membership-inference check of the global model (client.membership.MEMBERSHIP).
+MEMBERSHIP = "membership"
 FORMAT = "fedsr-cross-site/1"
 
 
 @dataclass
 class CrossSiteResults:
     """What the cross-site evaluation gathered: ``scores[model][site][metric]`` = per-scan values, ``previews``
-    {site: {name: 2D array}}, ``notes`` for the report, ``seconds`` the wall time of the whole evaluation."""
+    {site: {name: 2D array}}, ``notes`` for the report, ``seconds`` the wall time of the whole evaluation,
+    ``membership`` {site: the membership-inference check of the global model (``mia-*``, client.membership)}."""
 
     seconds: float = 0.0
     scores: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
     previews: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    membership: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def cross_evaluate(
@@ -86,6 +90,8 @@ def cross_evaluate(
         if PREVIEWS in reply.content.array_records:
             previews = reply.content.array_records[PREVIEWS]
             results.previews[site] = {name: previews[name].numpy() for name in previews}
+        if MEMBERSHIP in reply.content.metric_records:
+            results.membership[site] = {k: float(v) for k, v in reply.content.metric_records[MEMBERSHIP].items()}
     return results
 
 
@@ -104,7 +110,7 @@ def write_cross_site(
         np.savez_compressed(buffer, **{name: np.asarray(crop, dtype=np.float32) for name, crop in crops.items()})
         atomic_write(folder / f"{file_stem(site)}.npz", lambda handle: handle.write(buffer.getvalue()))
     document = {"format": FORMAT, "sites": sites, "models": models, "scores": results.scores, "notes": results.notes,
-                "seconds": results.seconds}
+                "seconds": results.seconds, "membership": results.membership}
     path = run_dir / "cross_site.json"
     atomic_write_text(path, json.dumps(document, indent=1) + "\n")
     return path

@@ -35,7 +35,9 @@ report.json (``"schema": "fedsr-report/1"``), keys in this order:
   "clipping", "clip_norm", "rounds"}``, for ``dp = "central"``, else null): the run's DP settings, and per site (local
   DP) the privacy spent as of its last DP train row of the federated model
   (``epsilon``: the site ledger's total per unit at ``delta``, across runs; ``round``: that row's round).
-  ``warning``: set for patch-level DP (the guarantee covers an image tile, not a patient).
+  ``warning``: set for patch-level DP (the guarantee covers an image tile, not a patient). ``membership``: cross_site.json's
+  ``membership``, ``{SITE: {"mia-auc", "mia-advantage", "mia-members", "mia-non-members"}}``: the loss-threshold
+  membership-inference attack on the global model at each site (client.membership), for every run, DP or not.
 - ``previews``: ``{SITE: {"file": "previews/SITE.npz", "models": [MODEL, ...]}}`` (the ``sr:MODEL`` arrays it holds).
 - ``notes``: cross_site.json's notes, then the report's own (no cross-site evaluation, sites without test scores,
   sites with fewer than 3 test scans).
@@ -150,7 +152,8 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         "rounds": [_row(r) for r in rows if r.get("phase") == "evaluate"],
         "training": [_row(r) for r in rows if r.get("phase") == "train"],
         "refusals": [_refusal(r) for r in rows if r.get("phase") == REFUSED],
-        "privacy": privacy_summary(config, rows, read_summary(run_dir / "summary.json").get("central_dp")),
+        "privacy": {**privacy_summary(config, rows, read_summary(run_dir / "summary.json").get("central_dp")),
+                    "membership": stored.get("membership", {})},
         "previews": list_previews(run_dir / "previews", list(sites)),
         "notes": notes,
     }

@@ -4,8 +4,8 @@ No external CSS, script, font or image: the figures (:mod:`server.report_plots`)
 ``data:`` URIs, and every number a figure shows is also in an HTML table. Every string from the run (site names,
 scanners, notes: they come from hospitals' ``site.toml``) is HTML-escaped.
 
-Sections, in order: header and notes, refusals (when a site refused a request), privacy (a run with DP: the
-epsilon each site spent), cross-site heatmaps (one per
+Sections, in order: header and notes, refusals (when a site refused a request), privacy (the epsilon a DP run
+spent; the membership-inference check of the global model), cross-site heatmaps (one per
 metric), gain over interpolation, validation curves per round, leave-one-out (when the run has holdout models), data
 consistency, example crops (sites that share previews only), sites.
 """
@@ -180,7 +180,8 @@ def _header(report: Mapping[str, Any], run_dir: Path, sites: Sequence[str]) -> s
         links.remove(("leave-one-out", "Leave-one-out"))
     if not report.get("refusals"):
         links.remove(("refusals", "Refusals"))
-    if (report.get("privacy") or {}).get("dp", "none") != "none":
+    privacy = report.get("privacy") or {}
+    if privacy.get("dp", "none") != "none" or privacy.get("membership"):
         links.insert(links.index(("cross-site", "Cross-site")), ("privacy", "Privacy"))
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in links)
     notes = report.get("notes") or []
@@ -205,31 +206,43 @@ def _refusals(report: Mapping[str, Any]) -> str:
 
 
 def _privacy(report: Mapping[str, Any]) -> str:
-    """What differential privacy the sites spent (report.json's ``privacy``); nothing for a run without DP."""
+    """What differential privacy the run spent, and the membership-inference check of the global model
+    (report.json's ``privacy``); nothing when the run has neither."""
     privacy = report.get("privacy") or {}
-    if privacy.get("dp", "none") == "none":
-        return ""
-    rows = ([escape(site), f"{p['epsilon']:.3f}", f"{p['delta']:g}", f"{p['noise_multiplier']:.3f}",
-             f"{p['sample_rate']:.3f}", str(int(p["units"])), f"{p['clipped_fraction']:.0%}", str(p["round"])]
-            for site, p in sorted(privacy.get("sites", {}).items()))
+    parts = [_dp_spent(privacy)] if privacy.get("dp", "none") != "none" else []
+    membership = privacy.get("membership") or {}
+    if membership:
+        rows = ([escape(site), f"{m['mia-auc']:.3f}", f"{m['mia-advantage']:.3f}",
+                 f"{int(m['mia-members'])} / {int(m['mia-non-members'])}"] for site, m in sorted(membership.items()))
+        parts.append("<h3>Membership inference</h3><p>A loss-threshold attack on the global model at each site: "
+                     "how well its error on a slice tells the site's training patients from its test patients "
+                     "(AUC 0.5: no better than chance; advantage: best true-positive minus false-positive rate). "
+                     "Part of any gap is patient variation; compare with a run without DP on the same sites.</p>"
+                     + _table(["site", "attack AUC", "advantage", "slices (train / test)"], rows))
+    return _section("privacy", "Privacy", "".join(parts)) if parts else ""
+
+
+def _dp_spent(privacy: Mapping[str, Any]) -> str:
+    """The DP part of the Privacy section: central DP's client-level epsilon, or each site's spent epsilon."""
     central = privacy.get("central")
     if central:
-        body = (f"<p>Central differential privacy: every site's update clipped ({escape(str(central['clipping']))}, "
+        return (f"<p>Central differential privacy: every site's update clipped ({escape(str(central['clipping']))}, "
                 f"norm {central['clip_norm']:g}) and Gaussian noise on their average; the privacy unit is the "
                 "<strong>site</strong> (whether a hospital took part at all).</p>"
                 + _table(["unit", "epsilon", "delta", "noise multiplier", "rounds"],
                          [["site", f"{central['epsilon']:.3f}", f"{central['delta']:g}",
                            f"{central['noise_multiplier']:.3f}", str(central["rounds"])]]))
-        return _section("privacy", "Privacy", body)
+    rows = ([escape(site), f"{p['epsilon']:.3f}", f"{p['delta']:g}", f"{p['noise_multiplier']:.3f}",
+             f"{p['sample_rate']:.3f}", str(int(p["units"])), f"{p['clipped_fraction']:.0%}", str(p["round"])]
+            for site, p in sorted(privacy.get("sites", {}).items()))
     warning = privacy.get("warning")
-    body = (f"<p>DP-SGD at every site, the privacy unit is the <strong>{escape(str(privacy.get('unit')))}"
+    return (f"<p>DP-SGD at every site, the privacy unit is the <strong>{escape(str(privacy.get('unit')))}"
             f"</strong>; noise planned for a target epsilon of {escape(str(privacy.get('target_epsilon')))} over "
             "the whole training. Epsilon is each site ledger's total (across runs, at the site's delta) after its "
             "last round of this run; refused rounds spent nothing.</p>"
             + (f'<p class="warning">{escape(warning)}</p>' if warning else "")
             + _table(["site", "epsilon", "delta", "noise multiplier", "sampling rate", "units", "clipped",
                       "after round"], rows))
-    return _section("privacy", "Privacy", body)
 
 
 def _cross_site(report: Mapping[str, Any], models: Sequence[str], sites: Sequence[str]) -> str:

@@ -134,7 +134,7 @@ def _problems_of(reply: Message, arrays: ArraySpec, about: Mapping[str, Any]) ->
     }.get(kind, set())
     if kind == "evaluate.cross":
         cross = {key for key in content.metric_records if key.startswith("scores:")}
-        expected |= cross | ({"previews"} if about.get("shares_previews") else set())
+        expected |= cross | ({"previews"} if about.get("shares_previews") else set()) | {"membership"}
     if set(content.keys()) - expected:
         yield f"records {sorted(set(content.keys()) - expected)} not expected in a {kind} reply"
     if kind == "train.local" and about.get("shares_local_model") and "arrays" not in content.array_records:

@@ -227,3 +227,30 @@ def test_every_family_trains_under_dp_and_spends_one_mechanism_per_round(tmp_pat
     (spend,) = PrivacyLedger.open(folder / DEFAULT_STATE_DIR_NAME).spends()
     assert spend.mechanism.steps == 3 and metrics["dp-epsilon"] == pytest.approx(spend.epsilon)
     assert metrics["dp-epsilon"] == pytest.approx(epsilon_of([spend.mechanism], 1e-5))
+
+
+def test_every_registered_family_has_only_layers_opacus_computes_per_sample_gradients_for():
+    """No BatchNorm (it mixes the samples of a batch) or other layer Opacus cannot handle, in any family."""
+    from opacus.validators import ModuleValidator
+
+    from shared_models.registry import families
+
+    for name in families():
+        model = build_from_settings(RunSettings(model=name))
+        assert ModuleValidator.validate(model, strict=False) == [], name
+        assert not [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)], name
+
+
+def test_the_membership_attack_measures_what_a_threshold_on_the_error_tells_apart():
+    from client.membership import loss_threshold_attack
+
+    rng = np.random.default_rng(0)
+    members, others = rng.normal(0.02, 0.01, 300), rng.normal(0.03, 0.01, 200)
+    attack = loss_threshold_attack(members, others)
+    pairs = (members[:, None] < others[None, :]).mean() + 0.5 * (members[:, None] == others[None, :]).mean()
+    assert attack["mia-auc"] == pytest.approx(pairs)  # AUC = P(a member's error < a non-member's), pair by pair
+    best = max((members <= t).mean() - (others <= t).mean() for t in np.linspace(0, 0.06, 6001))
+    assert attack["mia-advantage"] == pytest.approx(best, abs=0.01)
+    same = loss_threshold_attack(members, members.copy())
+    assert same["mia-auc"] == pytest.approx(0.5) and same["mia-advantage"] == pytest.approx(0.0)
+    assert (attack["mia-members"], attack["mia-non-members"]) == (300, 200)

@@ -96,5 +96,8 @@ def test_a_site_at_its_budget_refuses_and_the_federation_finishes_without_it(two
     assert set(privacy["sites"]) == {s.name for s in two_runs.sites[:2]}  # the refusing site trained nothing
     for site in two_runs.sites[:2]:
         assert privacy["sites"][site.name]["epsilon"] == pytest.approx(ledger(site).spends()[-1].epsilon)
+    membership = privacy["membership"]  # every site checked the global model, the refusing one too
+    assert set(membership) == {s.name for s in two_runs.sites}
+    assert all(0.0 <= m["mia-auc"] <= 1.0 and m["mia-members"] > 0 < m["mia-non-members"] for m in membership.values())
     page = (two_runs.second / "report.html").read_text()
     assert 'id="privacy"' in page and 'id="refusals"' in page and "privacy-budget" in page
