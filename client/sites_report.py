@@ -78,6 +78,10 @@ def print_site_report(console: Console, report: SiteReport, brief: bool = False)
             f"model: {_yes(config.share_local_model)}, test previews: {_yes(config.share_previews)}"
         )
         console.print(f"policy (what it accepts from the coordinator): {escape(policy_text(config.policy))}")
+        privacy = config.privacy
+        budget = "none" if privacy.epsilon_budget is None else f"epsilon {privacy.epsilon_budget:g} per patient"
+        console.print(f"differential privacy required: {_yes(privacy.dp_required)}; budget: {budget} at delta "
+                      f"{privacy.delta:g} (spent so far: fedsr privacy show)")
     for item in report.skipped:
         console.print(f"  [yellow]skipped[/] {escape(item.path)}: {escape(item.reason)}", highlight=False)
     return True

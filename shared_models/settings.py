@@ -195,23 +195,22 @@ class SiteSettings(Settings):
     seed: int = setting(0, "Seed of phantoms, initial weights, patch sampling and LR noise.", flag="--seed")
     eval_max_slices: int = setting(48, "At most this many slices with anatomy are scored per validation scan.",
                                    minimum=1)
-    dp: str = setting("none", "Differential privacy: none; local (DP-SGD at every site with Opacus, the patient "
-                      "as the privacy unit); central (each site's update clipped, noise on the average: the site "
-                      "as the unit, Flower's DP wrappers).", flag="--dp", choices=DP_MODES)
-    dp_clipping: str = setting("server-fixed", "Central DP: where updates are clipped (server or client) and "
-                               "whether the norm is fixed (dp-clip-norm) or adapted from it.",
+    dp: str = setting("none", "Differential privacy: none, local (DP-SGD per patient at each site) or central "
+                      "(per site, Flower's wrappers).", flag="--dp", choices=DP_MODES)
+    dp_clipping: str = setting("server-fixed", "Central DP: where updates are clipped, and a fixed or adaptive "
+                               "norm (from dp-clip-norm).",
                                flag="--dp-clipping", choices=DP_CLIPPING)
-    dp_unit: str = setting("patient", "DP privacy unit: patient (all of a patient's patches in a step clipped "
-                           "together), or patch (weaker: one image tile; a warning is recorded).",
+    dp_unit: str = setting("patient", "Local DP's unit: patient, or patch (weaker: one image tile; a warning is "
+                           "recorded).",
                            flag="--dp-unit", choices=DP_UNITS)
-    dp_clip_norm: float = setting(1.0, "DP: bound C on each unit's gradient norm (local), or on each site's "
-                                  "update norm (central; the initial norm when adaptive).", flag="--dp-clip-norm",
+    dp_clip_norm: float = setting(1.0, "DP: norm bound C of a unit's gradient (local) or a site's update "
+                                  "(central).", flag="--dp-clip-norm",
                                   positive=True)
-    dp_noise_multiplier: float = setting(0.0, "DP: Gaussian noise std over C; 0: planned from "
-                                         "dp-target-epsilon for all rounds x local steps (central: all rounds).",
+    dp_noise_multiplier: float = setting(0.0, "DP: noise std over C; 0: planned to spend dp-target-epsilon "
+                                         "over the whole training.",
                                          flag="--dp-noise-multiplier", minimum=0)
-    dp_target_epsilon: float = setting(8.0, "DP: the epsilon the whole planned training may spend at a site "
-                                       "(at the site's delta).", flag="--dp-target-epsilon", positive=True)
+    dp_target_epsilon: float = setting(8.0, "DP: the epsilon the whole planned training spends (noise "
+                                       "planning).", flag="--dp-target-epsilon", positive=True)
     dp_patches_per_patient: int = setting(8, "DP, patient unit: patches drawn from each patient in a step (the "
                                           "expected patients per step is batch-size / this).", minimum=1)
 

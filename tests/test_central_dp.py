@@ -41,7 +41,7 @@ def test_a_central_dp_run_with_client_side_adaptive_clipping_completes_and_repor
     run_dir = tmp_path / "run"
     done = subprocess.run(
         [sys.executable, "-m", "shared_models.cli", "simulate", "--run-dir", str(run_dir), "--rounds", "2",
-         "--local-steps", "10", "--batch-size", "8", "--patch-size", "32", "--baselines", "none", "--dp", "central",
+         "--local-steps", "4", "--batch-size", "8", "--patch-size", "32", "--baselines", "none", "--dp", "central",
          "--dp-clipping", "client-adaptive", "--dp-noise-multiplier", "0.8", "--run-config", "eval-max-slices=4"],
         capture_output=True, text=True, timeout=600, env=dict(os.environ, COLUMNS="200"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

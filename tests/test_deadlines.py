@@ -323,12 +323,16 @@ def site_rows(run_dir: Path, phase: str) -> dict[int, list[str]]:
     return rounds
 
 
+#: The rejoin test's run settings (the resume test repeats them, to compare with its run).
+REJOIN = {"num-sites": 2, "min-sites": 1, "node-wait-seconds": 240.0}
+
+
 @pytest.mark.slow
 def test_a_site_whose_supernode_restarts_is_waited_for_and_trains_again(deployment):
     fed, root, folders = deployment
     names = [folder.name for folder in folders]
     run_dir = root / "rejoin"
-    run_id = fed.start_run(tiny_run_config(run_dir, **{"num-sites": 2, "min-sites": 1, "node-wait-seconds": 240.0}))
+    run_id = fed.start_run(tiny_run_config(run_dir, **REJOIN))
     wait_for_row(run_dir, fed, lambda row: row["phase"] == "train" and row["site"] == names[1])
     fed.supernodes["b"].stop()  # SIGTERM: the SuperNode says goodbye and its node goes offline at once
     fed.start_supernode("b", folders[1], register=False)  # the hospital restarts it: same key, same node
@@ -360,27 +364,28 @@ def test_a_supernode_killed_mid_round_leaves_the_run_to_finish_without_it_and_na
 @pytest.mark.slow
 def test_a_run_whose_superlink_stops_resumes_to_the_weights_of_a_run_never_stopped(deployment):
     """The coordinator's machine goes down mid-run (SuperLink and ServerApp ended by pid); after it restarts on
-    the same database, ``resume`` in the run config continues the run folder from its last completed round."""
+    the same database, ``resume`` in the run config continues the run folder from its last completed round.
+
+    The run never stopped is the rejoin test's (same settings; there a SuperNode restarted between rounds, which
+    changes no computation), so that this test needs no third run."""
     import torch
 
     fed, root, folders = deployment
+    never_stopped = root / "rejoin" / "final_model.pt"
+    assert never_stopped.is_file(), "the rejoin test runs first, in this module's order"
     fed.wait_for_nodes(2, timeout=180)
-    config = {"num-sites": 2, "min-sites": 2, "num-rounds": 2, "evaluate-round-zero": False}
-    whole = fed.start_run(tiny_run_config(root / "whole", **config))
-    assert fed.wait_for_run(whole, timeout=600)["status"] == "finished:completed", fed.log_tails()
-
     stopped = root / "stopped"
-    fed.start_run(tiny_run_config(stopped, **config))
+    fed.start_run(tiny_run_config(stopped, **REJOIN))
     wait_for_row(stopped, fed, lambda row: row["round"] == 1 and row["phase"] == "evaluate")  # round 1 kept
     fed.restart_superlink()
     fed.wait_for_nodes(2, timeout=180)  # the SuperNodes reconnect by themselves
-    resumed = fed.start_run(tiny_run_config(stopped, resume=True, **config))
+    resumed = fed.start_run(tiny_run_config(stopped, resume=True, **REJOIN))
     status = fed.wait_for_run(resumed, timeout=600)["status"]
     log = fed.flwr("log", str(resumed), fed.name, "--show").stdout
     assert status == "finished:completed", log[-4000:] + fed.log_tails()
     assert "going on after round 1 of 2" in log, log
     ours = torch.load(stopped / "final_model.pt", weights_only=True)
-    theirs = torch.load(root / "whole" / "final_model.pt", weights_only=True)
+    theirs = torch.load(never_stopped, weights_only=True)
     assert ours["extra"]["round"] == theirs["extra"]["round"] == 2
     assert ours["state_dict"].keys() == theirs["state_dict"].keys()
     for key, weights in theirs["state_dict"].items():

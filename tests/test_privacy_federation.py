@@ -20,7 +20,7 @@ from simulation.phantoms import write_phantom_sites
 
 pytestmark = pytest.mark.slow
 
-DP_RUN = ["--rounds", "2", "--local-steps", "10", "--batch-size", "8", "--patch-size", "32", "--baselines", "none",
+DP_RUN = ["--rounds", "2", "--local-steps", "4", "--batch-size", "8", "--patch-size", "32", "--baselines", "none",
           "--dp", "local", "--dp-target-epsilon", "4", "--min-sites", "2", "--run-config", "eval-max-slices=4"]
 
 

@@ -107,6 +107,11 @@ def test_sites_check_shows_the_policy(tmp_path):
     text = console.export_text()
     assert "batch-size >= 12" in text and f"local-steps >= {SitePolicy().min_local_steps}" in text
     assert "models: srcnn" in text and "losses: any" in text
+    assert "differential privacy required: no; budget: none" in text
+    (site / "site.toml").write_text((site / "site.toml").read_text() + "\n[privacy]\nepsilon_budget = 6\n")
+    console = Console(record=True, width=400)
+    assert print_site_report(console, check_site_folder(site))
+    assert "differential privacy required: yes; budget: epsilon 6 per patient at delta 1e-05" in console.export_text()
 
 
 # ------------------------------------------------------------------------------------------------------- checks
