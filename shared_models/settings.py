@@ -222,7 +222,17 @@ class SiteSettings(Settings):
             )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        return problems
+        return problems + self._inactive_dp_settings()
+
+    def _inactive_dp_settings(self) -> list[str]:
+        """A DP setting changed for a DP mode that is off (it would do nothing: refused, with the mode it needs)."""
+        modes = {"dp_clip_norm": ("local", "central"), "dp_noise_multiplier": ("local", "central"),
+                 "dp_target_epsilon": ("local", "central"), "dp_clipping": ("central",), "dp_unit": ("local",),
+                 "dp_patches_per_patient": ("local",)}
+        defaults = {d.name: d for d in self.declared()}
+        return [f"{defaults[name].key} acts only with dp = {' or '.join(map(repr, needs))}, not {self.dp!r}: set dp "
+                f"or leave {defaults[name].key} out" for name, needs in modes.items()
+                if self.dp not in needs and getattr(self, name) != defaults[name].default]
 
     def site_settings(self) -> SiteSettings:
         """Just the settings that travel to the sites (a subclass's own fields dropped)."""

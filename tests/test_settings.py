@@ -2,6 +2,7 @@
 are derived from the declarations and must agree; bad values are refused where they are declared."""
 
 import dataclasses
+import re
 import tomllib
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def test_what_travels_to_the_sites_is_the_site_settings_and_the_chosen_familys_o
 SITE_OVERRIDES = (
     'model="srcnn" model-preset="small" spatial-dims=3 scale=4 local-steps=7 batch-size=3 patch-size=64 '
     'learning-rate=0.0005 loss="l1:1,ssim:0.2" device="cpu" seed=11 eval-max-slices=5 num-rounds=9 '
-    'dp="local" dp-clipping="client-fixed" dp-unit="patch" dp-clip-norm=0.5 dp-noise-multiplier=1.1 '
+    'dp="local" dp-unit="patch" dp-clip-norm=0.5 dp-noise-multiplier=1.1 '
     'dp-target-epsilon=3.0 '
     'dp-patches-per-patient=4 '
     'gan.discriminator="local" gan.warmup-rounds=3 gan.adversarial-weight=0.01'
@@ -60,8 +61,12 @@ def test_every_run_config_key_reaches_the_site_typed():
     settings = RunSettings.from_run_config(run_config)
     job = RoundJob.from_config({**settings.round_config(), "server-round": 4}, torch.device("cpu"))
     for declared in SiteSettings.declared():
+        if declared.key == "dp-clipping":  # acts with dp = "central" only, while dp-unit needs "local": below
+            continue
         assert getattr(job, declared.name) == run_config[declared.key], declared.key
         assert getattr(job, declared.name) != declared.default, f"{declared.key}: pick a non-default value"
+    central = RunSettings.from_run_config({"dp": "central", "dp-clipping": "client-adaptive"})
+    assert RoundJob.from_config(central.round_config(), torch.device("cpu")).dp_clipping == "client-adaptive"
     assert job.server_round == 4 and job.options is None  # srcnn declares no options; the GAN's stay home
     gan = settings.replace(model="gan", spatial_dims=2)
     job = RoundJob.from_config(gan.round_config(), torch.device("cpu"))
@@ -138,3 +143,14 @@ def test_every_setting_says_what_it_does():
             assert declared.help.strip(), declared.key
     assert all(f.name in {d.name for d in RunSettings.declared()} or f.name == "options"
                for f in dataclasses.fields(RunSettings))
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"dp-unit": "patch"}, "dp-unit acts only with dp = 'local', not 'none'"),
+    ({"dp": "central", "dp-patches-per-patient": 4}, "dp-patches-per-patient acts only with dp = 'local'"),
+    ({"dp": "local", "dp-clipping": "client-fixed"}, "dp-clipping acts only with dp = 'central'"),
+    ({"dp-target-epsilon": 2.0}, "dp-target-epsilon acts only with dp = 'local' or 'central'"),
+])
+def test_a_dp_setting_of_a_mode_that_is_off_is_refused(config, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        RunSettings.from_run_config(config)
