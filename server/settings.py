@@ -18,6 +18,8 @@ from shared_models.settings import FamilyOptions, PlainValue, SiteSettings, sett
 
 #: The reference models a run can train beside the federated one (``baselines``).
 BASELINES = ("local", "pooled")
+#: ``strategy`` choices: Flower's strategies, each wrapped by fedsr's sampling, validation and record.
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,26 @@ class RunSettings(SiteSettings):
                                   "held-out site as an unseen scanner.", flag="--leave-one-out")
     resume: bool = setting(False, "Continue the run in run-dir from its last completed round (its checkpoint.pt); "
                            "every other setting must equal the run's config.toml.")
+    strategy: str = setting("fedavg", "Aggregation: Flower's fedavg, fedprox, fedadam, fedyogi, fedmedian, "
+                            "fedtrimmedavg or krum.", flag="--strategy", choices=STRATEGIES)
+    proximal_mu: float = setting(0.01, "FedProx: weight mu of the proximal term (mu/2)*||w - w_global||^2 in every "
+                                 "site's local loss.", flag="--proximal-mu", minimum=0)
+    server_learning_rate: float = setting(0.01, "FedAdam/FedYogi: the server optimiser's learning rate (eta).",
+                                          flag="--server-lr", positive=True)
+    server_beta1: float = setting(0.9, "FedAdam/FedYogi: first-moment decay of the server optimiser.", minimum=0)
+    server_beta2: float = setting(0.99, "FedAdam/FedYogi: second-moment decay of the server optimiser.", minimum=0)
+    server_tau: float = setting(0.001, "FedAdam/FedYogi: the server optimiser's adaptivity (tau).", positive=True)
+    trim_fraction: float = setting(0.2, "FedTrimmedAvg: fraction of the sites' values cut from each end per weight.",
+                                   minimum=0)
+    krum_byzantine: int = setting(1, "Krum: number of sites assumed malicious.", minimum=0)
+    fraction_train: float = setting(1.0, "Fraction of the connected sites sampled for training in each round (at "
+                                    "least min-sites).", flag="--fraction-train", positive=True)
+    fraction_evaluate: float = setting(1.0, "Fraction of the connected sites sampled for evaluation in each round "
+                                       "(at least min-sites).", flag="--fraction-evaluate", positive=True)
+    update_norm_limit: float = setting(5.0, "Reject a train update whose distance from the global weights exceeds "
+                                       "this multiple of the round's median distance (0: off).", minimum=0)
+    max_num_examples: int = setting(10_000_000, "Absolute cap on a reply's num-examples (a larger claim is "
+                                    "rejected).", minimum=1)
     options: Mapping[str, FamilyOptions] = field(default_factory=lambda: _default_options())
 
     @property

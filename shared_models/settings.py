@@ -37,6 +37,13 @@ DP_UNITS = ("patient", "patch")
 PATCH_UNIT_WARNING = ("dp-unit is 'patch': the guarantee covers one image tile, not a patient; a patient's "
                       "other tiles are not protected by it")
 
+#: ``transfer-dtype`` choices: how weights travel between the sites and the coordinator (aggregated in float32).
+TRANSFER_DTYPES = ("float32", "float16")
+#: ``personal`` choices: nothing personal, or each site keeps its own reconstruction head (FedPer-style).
+PERSONAL = ("none", "head")
+#: ``condition`` choices: one blind mapping, or a network conditioned on the site's acquisition description.
+CONDITIONS = ("none", "acquisition")
+
 PlainValue = bool | int | float | str
 S = TypeVar("S", bound="Settings")
 
@@ -213,6 +220,15 @@ class SiteSettings(Settings):
                                        "planning).", flag="--dp-target-epsilon", positive=True)
     dp_patches_per_patient: int = setting(8, "DP, patient unit: patches drawn from each patient in a step (the "
                                           "expected patients per step is batch-size / this).", minimum=1)
+
+    transfer_dtype: str = setting("float32", "Dtype of the weights sent between the sites and the coordinator; "
+                                  "float16 halves the bytes (the coordinator aggregates in float32).",
+                                  flag="--transfer-dtype", choices=TRANSFER_DTYPES)
+    personal: str = setting("none", "Personalisation: none, or head (each site keeps its own reconstruction head "
+                            "in its state folder; it never leaves the site).", flag="--personal", choices=PERSONAL)
+    condition: str = setting("none", "Scanner-aware SR: none, or acquisition (the network is conditioned on the "
+                             "site's acquisition description: field strength, slice thickness, kernel, noise).",
+                             flag="--condition", choices=CONDITIONS)
 
     def problems(self) -> list[str]:
         problems = []

@@ -51,7 +51,7 @@ SITE_OVERRIDES = (
     'learning-rate=0.0005 loss="l1:1,ssim:0.2" device="cpu" seed=11 eval-max-slices=5 num-rounds=9 '
     'dp="local" dp-unit="patch" dp-clip-norm=0.5 dp-noise-multiplier=1.1 '
     'dp-target-epsilon=3.0 '
-    'dp-patches-per-patient=4 '
+    'dp-patches-per-patient=4 transfer-dtype="float16" personal="head" condition="acquisition" '
     'gan.discriminator="local" gan.warmup-rounds=3 gan.adversarial-weight=0.01'
 )
 
