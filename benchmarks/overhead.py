@@ -38,7 +38,7 @@ import torch
 
 from bench_common import round_job
 from client.data.files import site_folders
-from client.pairs import prepare_site
+from client.pairs import PREPARED_SITES
 from client.tasks import task_for
 from server.settings import RunSettings
 from shared_models.registry import build_from_settings
@@ -155,7 +155,7 @@ def main() -> None:
                            local_steps=args.local_steps)
     assert site_folders(settings.sites_dir) == folders
     fed = federation(settings, root / "run")
-    prepare_site.cache_clear()
+    PREPARED_SITES.clear()
     plain = plain_loop(settings, folders)
     one_thread = single_thread_throughput(settings, folders[0])
     fed_round, plain_round = statistics.mean(fed["rounds"]), statistics.mean(plain["rounds"])

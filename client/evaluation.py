@@ -10,8 +10,8 @@ same four of the baseline as ``baseline-psnr`` ..., and ``num-val-scans``, ``num
 
 from __future__ import annotations
 
-import functools
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -49,11 +49,20 @@ def as_batch(volume: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(volume, 2, 0)[:, None], dtype=np.float32))
 
 
-@functools.cache  # one small dict per validation pair, for as many sites as the process serves
+#: The baseline's scores of each validation pair that is alive, per (pairing, max_slices). Weak keys: a pair the
+#: prepared-site cache evicts (client.pairs) takes its scores with it, so memory follows the sites in use.
+_BASELINE_SCORES: weakref.WeakKeyDictionary[ScanPair, dict[tuple[Pairing, int], dict[str, float]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def _baseline_scores(pairing: Pairing, pair: ScanPair, max_slices: int) -> dict[str, float]:
-    """The baseline's metrics of a pair: they never change during a run, so they are computed once per process."""
-    interpolated, hr = pairing.baseline(pair, max_slices=max_slices)
-    return {BASELINE_PREFIX + k: v for k, v in score(interpolated, hr).items()}
+    """The baseline's metrics of a pair: they never change during a run, so they are computed once per pair."""
+    cached = _BASELINE_SCORES.setdefault(pair, {})
+    if (pairing, max_slices) not in cached:
+        interpolated, hr = pairing.baseline(pair, max_slices=max_slices)
+        cached[pairing, max_slices] = {BASELINE_PREFIX + k: v for k, v in score(interpolated, hr).items()}
+    return cached[pairing, max_slices]
 
 
 def evaluate_pairs(

@@ -15,6 +15,9 @@ from client.data.nifti import is_nifti
 from client.data.site import Site, load_site
 from client.data.siteconfig import SitePolicy
 
+#: After the modality of a site of NIfTI scans whose site.toml names none (each scan's read from its voxels).
+_INFERRED = " [yellow](inferred from the scans' intensities: set modality in site.toml)[/]"
+
 
 @dataclass(frozen=True)
 class SiteReport:
@@ -47,6 +50,7 @@ def print_site_report(console: Console, report: SiteReport, brief: bool = False)
     site, config = report.site, report.site.config
     head = (
         f"site [bold]{escape(config.name)}[/] ({escape(str(report.directory))}): {config.modality}"
+        f"{_INFERRED if config.modality_source == 'intensities' else ''}"
         f"{', ' + escape(config.scanner) if config.scanner else ''}; "
         + "scans (patients): "
         + ", ".join(f"{c['scans']} ({c['patients']}) {name}" for name, c in site.split_counts().items())
@@ -75,7 +79,8 @@ def print_site_report(console: Console, report: SiteReport, brief: bool = False)
         acquisition = config.acquisition or {"profile": "(modality default)"}
         console.print(
             f"acquisition profile: {escape(str(acquisition))}; split seed {config.split_seed}; may share its local "
-            f"model: {_yes(config.share_local_model)}, test previews: {_yes(config.share_previews)}"
+            f"model: {_yes(config.share_local_model)}, test previews: {_yes(config.share_previews)}; scans above "
+            f"{config.max_voxels:,} voxels are skipped unread (max_voxels)"
         )
         console.print(f"policy (what it accepts from the coordinator): {escape(policy_text(config.policy))}")
         privacy = config.privacy

@@ -30,9 +30,11 @@ def fit_normalisation(
     if volume.modality == "CT":
         return Normalisation("ct-window", float(ct_window[0]), float(ct_window[1]))
     array = volume.array
-    foreground = array[array > 0]
-    values = foreground if foreground.size else array.ravel()
-    lo, hi = (float(v) for v in np.percentile(values, mr_percentiles))
+    foreground = array[array > 0]  # a copy: np.percentile may reorder it in place instead of copying it again
+    if foreground.size:
+        lo, hi = (float(v) for v in np.percentile(foreground, mr_percentiles, overwrite_input=True))
+    else:
+        lo, hi = (float(v) for v in np.percentile(array, mr_percentiles))
     if hi <= lo:
         lo, hi = float(array.min()), float(array.max())
     if hi <= lo:

@@ -18,7 +18,7 @@ from client.data.nifti import bids_subject, is_nifti, nifti_scan_id, read_nifti
 from client.data.normalise import Normalisation, fit_normalisation
 from client.data.siteconfig import SiteConfig, load_site_config
 from client.data.split import SPLITS, explicit_split, split_subjects
-from client.data.volume import Volume, validate_volume
+from client.data.volume import DEFAULT_MAX_VOXELS, Volume, validate_volume
 from client.degrade import profile_from_config
 
 __all__ = ["MIN_TEST_SCANS", "Site", "SiteScan", "Skipped", "discover", "load_site"]
@@ -88,7 +88,11 @@ class Site:
 
 
 def discover(
-    site_dir: str | PathLike[str], modality: str | None = None, subject_map: Mapping[str, str] | None = None
+    site_dir: str | PathLike[str],
+    modality: str | None = None,
+    subject_map: Mapping[str, str] | None = None,
+    *,
+    max_voxels: int | None = DEFAULT_MAX_VOXELS,
 ) -> tuple[list[Volume], list[Skipped]]:
     """Every usable volume under ``site_dir`` (recursive) and every file or series skipped, with its reason.
 
@@ -97,32 +101,35 @@ def discover(
     ``subject_map`` key naming no NIfTI file is logged as a warning. Every other file is tried as DICOM, grouped
     into series by SeriesInstanceUID (subject = that UID, patient = PatientID, else the UID).
     Hidden files and folders, ``site.toml`` and README* are ignored silently.
-    ``modality``: the site's modality; None = that of most DICOM series, else "MR". NIfTI scans get it, and
-    DICOM series of another modality are skipped (one site, one modality).
+    ``modality``: the site's modality (site.toml's); None: that of most DICOM series, else of most NIfTI scans,
+    each inferred from its intensities with a warning (:func:`client.data.nifti.infer_modality`). NIfTI scans get
+    the site's modality, and scans of another modality are skipped (one site, one modality).
+    ``max_voxels``: larger scans are skipped before their voxels are read (None: no limit).
     Volumes failing :func:`client.data.volume.validate_volume`, 2D NIfTI files and repeated subject ids are
     skipped. Raises :class:`SiteError` when ``site_dir`` is not an existing folder.
     """
     directory = _existing_folder(site_dir)
     files = list_scan_files(directory)
-    volumes, skipped = read_dicom_files([path for path in files if not is_nifti(path)])
-    site_modality = modality or _most_common_modality(volumes) or "MR"
-    nifti_files = [(nifti_scan_id(path, directory), path) for path in files if is_nifti(path)]
-    subject_map = subject_map or {}
-    _warn_unmatched_subjects(directory, subject_map, {scan_id for scan_id, _ in nifti_files})
-    for scan_id, path in nifti_files:
-        try:
-            volume = read_nifti(path, site_modality)
-        except ScanError as error:
-            skipped.append(Skipped.from_error(error))
-            continue
-        patient = subject_map.get(scan_id) or bids_subject(scan_id) or scan_id
-        volumes.append(replace(volume, subject=scan_id, patient=patient))
+    volumes, skipped = read_dicom_files([path for path in files if not is_nifti(path)], max_voxels=max_voxels)
+    dicom_modality = _most_common_modality(volumes)
+    nifti_volumes, nifti_skipped = _read_nifti_scans(
+        directory, [path for path in files if is_nifti(path)], modality or dicom_modality, subject_map or {},
+        max_voxels,
+    )
+    volumes, skipped = volumes + nifti_volumes, skipped + nifti_skipped
+    if modality:
+        site_modality, stated = modality, f"site.toml declares {modality}"
+    elif dicom_modality:
+        site_modality, stated = dicom_modality, f"most of the site's DICOM series are {dicom_modality}"
+    else:
+        site_modality = _most_common_modality(volumes) or "MR"
+        stated = f"most of the site's NIfTI scans read as {site_modality}, from their intensities"
     usable: list[Volume] = []
     sources_by_subject: dict[str, str] = {}
     for volume in volumes:
         try:
             validate_volume(volume)
-            _check_modality(volume, site_modality, declared=modality is not None)
+            _check_modality(volume, site_modality, stated)
             _check_new_subject(volume, sources_by_subject)
         except ScanError as error:
             skipped.append(Skipped.from_error(error))
@@ -131,6 +138,24 @@ def discover(
     for item in skipped:
         log.info("skipped %s", item)
     return usable, skipped
+
+
+def _read_nifti_scans(
+    directory: Path, paths: list[Path], modality: str | None, subject_map: Mapping[str, str], max_voxels: int | None
+) -> tuple[list[Volume], list[Skipped]]:
+    """The NIfTI files of a site as volumes with their scan ids and patients (``modality`` None: each inferred)."""
+    scans = [(nifti_scan_id(path, directory), path) for path in paths]
+    _warn_unmatched_subjects(directory, subject_map, {scan_id for scan_id, _ in scans})
+    volumes, skipped = [], []
+    for scan_id, path in scans:
+        try:
+            volume = read_nifti(path, modality, max_voxels=max_voxels)
+        except ScanError as error:
+            skipped.append(Skipped.from_error(error))
+            continue
+        patient = subject_map.get(scan_id) or bids_subject(scan_id) or scan_id
+        volumes.append(replace(volume, subject=scan_id, patient=patient))
+    return volumes, skipped
 
 
 def load_site(site_dir: str | PathLike[str]) -> Site:
@@ -142,12 +167,12 @@ def load_site(site_dir: str | PathLike[str]) -> Site:
     directory = _existing_folder(site_dir)
     config = load_site_config(directory)
     declared = config.modality if config.modality_source == "site.toml" else None
-    volumes, skipped = discover(directory, declared, config.subject_map)
+    volumes, skipped = discover(directory, declared, config.subject_map, max_voxels=config.max_voxels)
     if not volumes:
         raise SiteError(directory, *_nothing_usable(skipped))
-    dicom_modalities = [volume.modality for volume in volumes if not is_nifti(volume.source)]
-    if config.modality_source != "site.toml" and dicom_modalities:
-        config = replace(config, modality=dicom_modalities[0], modality_source="dicom")
+    if declared is None:  # every usable scan has the site's modality: stated by its DICOM series, else inferred
+        from_dicom = any(not is_nifti(volume.source) for volume in volumes)
+        config = replace(config, modality=volumes[0].modality, modality_source="dicom" if from_dicom else "intensities")
     _check_acquisition(directory, config)
     parts = _split_patients(directory, config, volumes)
     scans = []
@@ -239,13 +264,14 @@ def _most_common_modality(volumes: list[Volume]) -> str | None:
     return min(counts, key=lambda m: (-counts[m], m)) if counts else None
 
 
-def _check_modality(volume: Volume, site_modality: str, declared: bool) -> None:
+def _check_modality(volume: Volume, site_modality: str, stated: str) -> None:
+    """:class:`ScanError` unless ``volume`` has the site's modality (``stated``: where that comes from)."""
     if volume.modality != site_modality:
-        why = "site.toml declares" if declared else "most of the site's DICOM series are"
         raise ScanError(
             volume.source,
-            f"modality {volume.modality} differs from the site's ({why} {site_modality})",
-            "a site holds one modality: move this scan to a site folder of its own",
+            f"modality {volume.modality} differs from the site's ({stated})",
+            "a site holds one modality: move this scan to a site folder of its own"
+            + ("" if stated.startswith("site.toml") else ", or set the site's modality in site.toml"),
         )
 
 

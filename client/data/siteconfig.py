@@ -8,6 +8,7 @@ Example ``site.toml`` (every key optional)::
     supervision = "paired"         # "paired" | "self"
     share_local_model = false      # may the model trained on this site alone leave it, to be scored at the others
     share_previews = false         # may small example crops of this site's test scans go into the run's report
+    max_voxels = 300_000_000       # larger scans are skipped before they are read (512 x 512 x 1000 fits)
 
     [acquisition]                  # passed as is to client.degrade.profile_from_config
     profile = "mr-3t-kspace"
@@ -57,10 +58,10 @@ from typing import Any, NoReturn
 from client.data.errors import SiteError
 from client.data.files import SITE_CONFIG_NAME
 from client.data.split import SPLITS
-from client.data.volume import MODALITIES
+from client.data.volume import DEFAULT_MAX_VOXELS, MODALITIES
 
 _TOP_KEYS = (
-    "name", "modality", "scanner", "supervision", "share_local_model", "share_previews",
+    "name", "modality", "scanner", "supervision", "share_local_model", "share_previews", "max_voxels",
     "acquisition", "subject", "split", "normalisation", "policy", "privacy",
 )
 _SPLIT_KEYS = ("seed", "fractions", *SPLITS)
@@ -123,12 +124,14 @@ class SitePolicy:
 class SiteConfig:
     """One site's settings.
 
-    ``modality_source``: where ``modality`` came from: "site.toml", "dicom" (the site's series) or "default".
+    ``modality_source``: where ``modality`` came from: "site.toml", "dicom" (the site's series), "intensities"
+    (a site of NIfTI scans only: inferred from their voxels, with a warning) or "default" (before the scans are read).
     ``supervision``: "paired" (HR scans; LR is synthesised from them) or "self" (only thick-slice scans: the
     site trains the self-supervised ``smore`` model from its own in-plane resolution).
     ``share_local_model``: whether this site's local-only baseline model may leave the site to be scored at the
     other sites. ``share_previews``: whether small example crops of its test scans may go into the run's report.
     Both default to False: nothing but weights of the federated model and numbers leaves without consent.
+    ``max_voxels``: the most voxels of one scan; a larger scan is skipped, with its reason, before it is read.
     ``subject_map``: NIfTI scan id -> patient id (``[subject]``), the scans' grouping for the split.
     ``split_fractions``: (train, val, test) shares of the patients, summing to 1. ``split_subjects``: explicit
     patient lists by split name ("train", "val", "test"), or None to split by fractions with ``split_seed``.
@@ -145,6 +148,7 @@ class SiteConfig:
     supervision: str = "paired"
     share_local_model: bool = False
     share_previews: bool = False
+    max_voxels: int = DEFAULT_MAX_VOXELS
     acquisition: dict[str, Any] = field(default_factory=dict)
     subject_map: dict[str, str] = field(default_factory=dict)
     split_seed: int = 0
@@ -202,6 +206,7 @@ def parse_site_config(data: dict[str, Any], path: str | PathLike[str], default_n
         supervision=supervision,
         share_local_model=check.boolean(data, "share_local_model"),
         share_previews=check.boolean(data, "share_previews"),
+        max_voxels=check.at_least_one(data, "max_voxels", DEFAULT_MAX_VOXELS, ""),
         acquisition=check.table(data, "acquisition"),
         subject_map=check.subject_map(check.table(data, "subject")),
         split_seed=check.integer(split, "seed", 0),
@@ -246,6 +251,13 @@ class _Checker:
 
     def integer(self, data: dict[str, Any], key: str, default: int) -> int:
         return self._typed(data, key, int, "an integer", default)
+
+    def at_least_one(self, data: dict[str, Any], key: str, default: int, where: str) -> int:
+        """An integer >= 1; ``where`` ("[policy] " or "") prefixes the key in the message."""
+        value = self.integer(data, key, default)
+        if value < 1:
+            self.fail(f"{where}{key} must be at least 1, got {value}", f"write e.g. {key} = {default}")
+        return value
 
     def table(self, data: dict[str, Any], key: str) -> dict[str, Any]:
         return self._typed(data, key, dict, f"a table ([{key}])", {})
@@ -295,12 +307,8 @@ class _Checker:
     def policy(self, table: dict[str, Any]) -> SitePolicy:
         """``[policy]``: counts >= 1, names of registered model families and of loss terms."""
         default = SitePolicy()
-        counts = {key: self.integer(table, key, getattr(default, key))
+        counts = {key: self.at_least_one(table, key, getattr(default, key), "[policy] ")
                   for key in ("min_batch_size", "min_local_steps", "max_rounds")}
-        for key, value in counts.items():
-            if value < 1:
-                self.fail(f"[policy] {key} must be at least 1, got {value}",
-                          f"write e.g. {key} = {getattr(default, key)}")
         return SitePolicy(**counts, allowed_models=self.names(table, "allowed_models", _model_families),
                           allowed_losses=self.names(table, "allowed_losses", _loss_terms))
 

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from os import PathLike
 
 import numpy as np
 
 from client.data.errors import ScanError
 from shared_models.image import MODALITIES
+
 MIN_INPLANE = 16  # voxels: smaller scans cannot feed the SR model's patches
+#: The most voxels one scan may have (site.toml ``max_voxels``) unless a site sets its own: a 512 x 512 x 1000 CT
+#: (262 million) fits. 300 million voxels are 1.2 GB as float32; a loaded site holds each scan twice (as read and
+#: normalised to [0, 1]).
+DEFAULT_MAX_VOXELS = 300_000_000
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,4 +90,17 @@ def validate_volume(volume: Volume, min_inplane: int = MIN_INPLANE) -> None:
             volume.source,
             f"in-plane size {x}x{y} voxels is smaller than the {min_inplane}x{min_inplane} the model needs",
             "use a larger scan, or remove this one from the site folder",
+        )
+
+
+def check_voxel_limit(source: str | PathLike[str], shape: tuple[int, ...], max_voxels: int | None) -> None:
+    """Raise :class:`ScanError` when a scan of ``shape`` (read from its header, before its voxels) has more than
+    ``max_voxels`` voxels; None: no limit."""
+    voxels = math.prod(shape)
+    if max_voxels is not None and voxels > max_voxels:
+        raise ScanError(
+            source,
+            f"{' x '.join(map(str, shape))} = {voxels:,} voxels is above the site's limit of {max_voxels:,} "
+            f"(max_voxels; reading it would take about {8 * voxels / 2**30:.1f} GiB: the scan and its normalised copy)",
+            "raise max_voxels in site.toml if the machine has the memory, or crop or downsample the scan",
         )
