@@ -116,7 +116,8 @@ def test_discover_returns_volumes_and_skipped_without_config(tmp_path, make):
     make.nifti(tmp_path / "a.nii.gz", _hu_volume((20, 20, 5), 0))
     (tmp_path / "b.dcm").write_bytes(b"not dicom")
     volumes, skipped = discover(tmp_path)
-    assert [v.subject for v in volumes] == ["a"] and volumes[0].modality == "MR"
+    # no site.toml, no DICOM series: the modality comes from the intensities (HU-like values: CT)
+    assert [v.subject for v in volumes] == ["a"] and volumes[0].modality == "CT"
     assert [Path(s.path).name for s in skipped] == ["b.dcm"]
 
 
@@ -258,7 +259,7 @@ def test_bad_site_toml_stops_load_site(tmp_path, make):
     ("table", "words"),
     [
         ('[acquisition]\nprofile = "mr-3t-kspace"\nnoise_levl = 0.1\n', "noise_levl"),
-        ('[acquisition]\nprofile = "ct-standard"\n', "is for CT but the site's modality is MR"),
+        ('modality = "MR"\n[acquisition]\nprofile = "ct-standard"\n', "is for CT but the site's modality is MR"),
     ],
 )
 def test_a_bad_acquisition_table_stops_the_site_when_it_loads(tmp_path, make, table, words):
