@@ -1,4 +1,7 @@
-"""Central (client-level) differential privacy: Flower's DP strategy wrappers around the federation's FedAvg.
+"""Central (client-level) differential privacy: Flower's DP strategy wrappers around the run's Flower strategy.
+
+The wrapper sits between fedsr's ``server.strategies.SiteStrategy`` and the Flower strategy it holds: every reply
+is checked before it is clipped, and only the checked replies are clipped, averaged and noised.
 
 With ``dp = "central"`` the unit of the guarantee is a whole site: each site's update (its weights minus the
 round's global weights) is clipped to an L2 norm, and Gaussian noise is added to their average, so that the
@@ -12,11 +15,11 @@ released global model hides whether any one site took part. ``dp-clipping`` pick
   noise: :func:`clipped_count_stddev`; the epsilon is the noise multiplier's, as Flower's wrapper splits it).
 
 The noise multiplier is ``dp-noise-multiplier``, or planned so that ``num-rounds`` releases spend
-``dp-target-epsilon`` at :data:`CENTRAL_DELTA`. Every site takes part in every round (no sampling, so no
-amplification): the epsilon is that of ``num-rounds`` Gaussian mechanisms, computed with Opacus' RDP accountant
-with sampling rate 1. Flower's own accountant for the fixed wrappers only accepts a strategy that keeps
-``FedAvg.aggregate_train``, which ours overrides (sites named, replies in a fixed order); the arithmetic is the
-same. If sites are missing from a round, the average has fewer terms than the noise was set for
+``dp-target-epsilon`` at :data:`CENTRAL_DELTA`. The epsilon is that of ``num-rounds`` Gaussian mechanisms, computed
+with Opacus' RDP accountant with sampling rate 1: no amplification is claimed, not even with ``fraction-train`` < 1,
+whose draw is seeded (the noise is then set for the sites a round samples). Flower's own accountant for the fixed
+wrappers only accepts FedAvg itself, not the other strategies a run may choose; the arithmetic is the same. If
+sites are missing from a round, or their replies are rejected, the average has fewer terms than the noise was set for
 (``num_sampled_clients``): that round's guarantee is weaker, and the log says so.
 """
 

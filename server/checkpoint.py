@@ -5,17 +5,18 @@ main federated model in ``checkpoint.pt``, any other (leave-one-out: one per hel
 ``checkpoints/holdout-SITE.pt``. A stopped run continues from them (``resume``): :func:`completed_rounds` reads
 them back, :func:`resumed_recorder` trims the run record to the rounds they hold.
 
-The weights and the round number are all a federation needs to go on exactly as it would have: the sites derive
-their seeds from (run seed, site, round), the strategy's only lasting state is the newest global weights (what it
-checks updates against), and the coordinator draws no random numbers (it samples every connected site, in name
-order). Which sites were missing is not kept: a resumed run waits for every site once more.
+A round checkpoint holds what a federation needs to go on exactly as it would have: the weights, the round number
+and the state the strategy carries between rounds (FedAdam's and FedYogi's moments, an adaptive DP clipping norm:
+``server.strategy_state``, in ``extra["strategy"]``). The sites derive their seeds from (run seed, site, round), and
+the coordinator's only random draw, the sites a round samples with a fraction below 1, is seeded by (run seed,
+round). Which sites were missing is not kept: a resumed run waits for every site once more.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +61,11 @@ def write_global(
     round_: int,
     export: bool | None = None,
     experiment: str | None = None,
+    strategy_state: Mapping[str, Any] | None = None,
 ) -> Path:
     """Save the global weights as ``run_dir/name`` with the round in its metadata; a round checkpoint also names
-    its federation (``experiment``), to be resumed from (:func:`read_round`).
+    its federation (``experiment``) and holds its strategy's state (``strategy_state``: plain values,
+    ``SiteStrategy.state``), to be resumed from (:func:`read_round`).
 
     ``normalisation``: how the sites mapped their scans to [0, 1] (``{site: {"modality", "kind", "range"}}``, as
     they reported it), so that the model can be applied to a new scan, and its output mapped back, the same way.
@@ -73,10 +76,12 @@ def write_global(
     load_global(model, arrays, settings.family_options)
     (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
     to_save = family_of(model).export(model) if (name == FINAL if export is None else export) else model
-    return save_checkpoint(
-        run_dir / name, to_save, scale=settings.scale, normalisation=normalisation,
-        extra={"round": round_} if experiment is None else {"round": round_, "experiment": experiment},
-    )
+    extra: dict[str, Any] = {"round": round_}
+    if experiment is not None:
+        extra["experiment"] = experiment
+    if strategy_state:
+        extra["strategy"] = dict(strategy_state)
+    return save_checkpoint(run_dir / name, to_save, scale=settings.scale, normalisation=normalisation, extra=extra)
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,8 @@ class RoundState:
     """A federation's last completed round as its checkpoint (``path``) holds it.
 
     ``model``: the whole model after that round; ``normalisation``: the sites' intensity rules (see
-    :func:`write_global`).
+    :func:`write_global`); ``strategy``: the strategy's state after that round (plain values; empty for a strategy
+    that keeps none).
     """
 
     experiment: str
@@ -92,6 +98,7 @@ class RoundState:
     path: Path
     model: nn.Module
     normalisation: dict[str, Any]
+    strategy: Mapping[str, Any] = field(default_factory=dict)
 
     def arrays(self, model: nn.Module, options: FamilyOptions | None) -> ArrayRecord:
         """The global weights to go on from, as the federation sends them (the family's ``shared_state`` with
@@ -111,7 +118,8 @@ def read_round(path: Path) -> RoundState:
     if "experiment" not in extra:
         raise ResumeError(path, "names no federation round to resume from (a finished model, or one written by an "
                           "older fedsr)", "start the run again without resume")
-    return RoundState(extra["experiment"], int(extra["round"]), path, model, meta["normalisation"] or {})
+    return RoundState(extra["experiment"], int(extra["round"]), path, model, meta["normalisation"] or {},
+                      extra.get("strategy", {}))
 
 
 def completed_rounds(run_dir: Path) -> dict[str, RoundState]:

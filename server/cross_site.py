@@ -26,7 +26,8 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from server.run_log import RunRecorder, atomic_write_text, file_stem
 from server.settings import RunSettings
 from server.sites import SiteGrid
-from server.strategies import note_refusal
+from server.strategies import note_refusal, note_rejection
+from server.updates import scores_rejection
 from shared_models.atomic import atomic_write
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ def cross_evaluate(
     """Send every model in ``models`` to every site of ``grid`` and gather the per-scan scores.
 
     ``score_own_local``: sites that kept their local-only model score it too (as ``local:SITE``). A site that
-    refuses is recorded in ``recorder`` (experiment :data:`CROSS_SITE`) and noted; it has no column.
+    refuses, or whose scores are unusable (:func:`server.updates.scores_rejection`: keys, lengths, NaN/Inf), is
+    recorded in ``recorder`` (experiment :data:`CROSS_SITE`) and noted; it has no column.
     """
     config = ConfigRecord(settings.round_config())
     config["server-round"] = settings.num_rounds
@@ -82,6 +84,11 @@ def cross_evaluate(
             continue
         if note_refusal(reply, recorder, settings.num_rounds, CROSS_SITE):
             results.notes.append(f"{site}: refused the cross-site evaluation (see the refusals); it has no column")
+            continue
+        rejection = scores_rejection(reply.content)
+        if rejection:
+            note_rejection(recorder, settings.num_rounds, EVALUATE_CROSS, site, rejection, CROSS_SITE)
+            results.notes.append(f"{site}: its cross-site scores were rejected ({rejection.rule}); it has no column")
             continue
         for key, record in reply.content.metric_records.items():
             if key.startswith(SCORES_PREFIX):

@@ -1,8 +1,9 @@
-"""One federated model: FedAvg rounds over the sites of one part of the run, checkpointed every round.
+"""One federated model: rounds of the run's strategy over the sites of one part of the run, checkpointed every round.
 
 A run trains the federation of every site (``global``) or, for unseen-scanner tests, a federation without one site
 (``holdout:SITE``); both go through :func:`train_federated`, which only ever talks to the sites of its
-:class:`server.sites.SiteGrid`. A resumed run's federation goes on after the last round its checkpoint holds.
+:class:`server.sites.SiteGrid`. A resumed run's federation goes on after the last round its checkpoint holds, with
+the strategy's state as it was then (``server.strategy_state``).
 """
 
 from __future__ import annotations
@@ -15,12 +16,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from server.central_dp import with_central_dp
 from server.checkpoint import RoundState, write_global
 from server.run_log import RunRecorder
 from server.settings import RunSettings
 from server.sites import SiteGrid
-from server.strategies import SiteFedAvg
+from server.strategies import SiteStrategy
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,13 @@ def train_federated(
     checkpoint: str,
     resumed: RoundState | None = None,
 ) -> ArrayRecord:
-    """``num-rounds`` FedAvg rounds among ``grid``'s sites, starting from ``initial``; returns the final weights.
+    """``num-rounds`` rounds of the run's strategy (:meth:`SiteStrategy.for_run`) among ``grid``'s sites, starting
+    from ``initial``; returns the final weights.
 
     ``round_zero``: first score the initial weights at those sites (round 0). ``checkpoint``: where to keep the
-    latest round's weights (relative to the run folder). ``resumed``: the last round a stopped run completed; the
-    rounds after it go on from its weights, numbered as they were to be.
+    latest round's weights and the strategy's state (relative to the run folder). ``resumed``: the last round a
+    stopped run completed; the rounds after it go on from its weights and strategy state, numbered as they were to
+    be.
     """
     done = resumed.round if resumed else 0
     arrays = resumed.arrays(model, settings.family_options) if resumed else initial
@@ -49,13 +51,9 @@ def train_federated(
         log.info("%s: going on after round %d of %d (%s)", experiment, done, settings.num_rounds, resumed.path)
     if done >= settings.num_rounds:
         return arrays
-    strategy = SiteFedAvg(
-        recorder=recorder,
-        reference=arrays,
-        required_sites=min(settings.min_sites, len(grid.sites)),
-        experiment=experiment,
-        node_wait_seconds=settings.node_wait_seconds,
-    )
+    strategy = SiteStrategy.for_run(settings, grid, recorder=recorder, reference=arrays, experiment=experiment)
+    if resumed:
+        strategy.restore(resumed.strategy)
     config = ConfigRecord(settings.round_config())
     if round_zero and not resumed:
         config["server-round"] = 0
@@ -64,11 +62,11 @@ def train_federated(
     def keep(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if local_round > 0:
             write_global(recorder.run_dir, model, arrays, settings=settings, normalisation=recorder.normalisation,
-                         name=checkpoint, round_=done + local_round, experiment=experiment)
+                         name=checkpoint, round_=done + local_round, experiment=experiment,
+                         strategy_state=strategy.state())
         return None
 
-    outer: Strategy = with_central_dp(strategy, settings, len(grid.sites)) if settings.dp == "central" else strategy
-    result = (ResumedRounds(outer, done) if done else outer).start(
+    result = (ResumedRounds(strategy, done) if done else strategy).start(
         grid=grid,
         initial_arrays=arrays,
         num_rounds=settings.num_rounds - done,

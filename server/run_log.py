@@ -11,6 +11,7 @@ import os
 import re
 import time
 import tomllib
+from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -30,6 +31,11 @@ REFUSED = "refused"
 #: A refusal row's own keys: the message type refused (``train``, ``evaluate``, ``train.local``, ...), and the
 #: category and reason the site gave.
 REFUSAL_KEYS = ("request", "category", "reason")
+#: ``phase`` of a row that records a reply the coordinator rejected (server.updates); its keys: :data:`REJECTION_KEYS`.
+REJECTED = "rejected"
+#: A rejection row's own keys: the message type of the reply (``train``, ``evaluate``, ``evaluate.cross``), the rule
+#: it broke (server.updates.RULES) and the problem.
+REJECTION_KEYS = ("request", "rule", "reason")
 
 
 class ResumeError(ExplainedError, ValueError):
@@ -112,8 +118,9 @@ class RunRecorder:
 
     ``experiment`` names the model being trained: ``global`` (the federation of every site), ``holdout:SITE`` (the
     federation without SITE), ``local:SITE`` or ``pooled`` (the baselines), ``cross-site`` (the cross-site
-    evaluation). ``phase`` is ``train`` or ``evaluate``, or :data:`REFUSED` for a site's refusal of a request
-    (:meth:`record_refusal`); round 0 is the untrained model's evaluation.
+    evaluation). ``phase`` is ``train`` or ``evaluate``, :data:`REFUSED` for a site's refusal of a request
+    (:meth:`record_refusal`), or :data:`REJECTED` for a reply the coordinator did not use (:meth:`record_rejection`);
+    round 0 is the untrained model's evaluation.
     """
 
     def __init__(self, run_dir: Path) -> None:
@@ -123,6 +130,7 @@ class RunRecorder:
         self.evaluated_round: dict[str, dict[str, int]] = {}  # each experiment's last evaluated round per site
         self.normalisation: dict[str, dict[str, Any]] = {}
         self.refusals: list[dict[str, Any]] = []  # the refusal rows, in order
+        self.rejections: list[dict[str, Any]] = []  # the rejection rows, in order
         self.started = time.time()
 
     def record(
@@ -158,6 +166,16 @@ class RunRecorder:
                       "time": round(time.time() - self.started, 3), "request": request, "category": category,
                       "reason": reason})
 
+    def record_rejection(
+        self, server_round: int, request: str, site: str, rule: str, reason: str, experiment: str = "global"
+    ) -> None:
+        """Append the row of a reply to ``request`` (``train``, ``evaluate``, ``evaluate.cross``) that the coordinator
+        rejected in ``server_round`` of ``experiment``: the ``rule`` it broke and the ``reason`` (phase
+        :data:`REJECTED`). A non-finite aggregate is rule ``aggregate`` of site ``*``."""
+        self._append({"experiment": experiment, "round": server_round, "phase": REJECTED, "site": site,
+                      "time": round(time.time() - self.started, 3), "request": request, "rule": rule,
+                      "reason": reason})
+
     def _append(self, row: dict[str, Any]) -> None:
         """Append ``row`` as one line (flushed and fsynced) and remember what later rows and the summary need."""
         with self.path.open("a", encoding="utf-8") as handle:
@@ -167,9 +185,11 @@ class RunRecorder:
         self._remember(row)
 
     def _remember(self, row: Mapping[str, Any]) -> None:
-        """Keep an evaluation row as its experiment's latest at its site, and every refusal row."""
+        """Keep an evaluation row as its experiment's latest at its site, and every refusal and rejection row."""
         if row["phase"] == REFUSED:
             self.refusals.append(dict(row))
+        if row["phase"] == REJECTED:
+            self.rejections.append(dict(row))
         if row["phase"] == "evaluate":
             latest = {k: v for k, v in row.items() if k not in ROW_KEYS}
             self.latest_evaluation.setdefault(row["experiment"], {})[row["site"]] = latest
@@ -191,12 +211,16 @@ class RunRecorder:
         """``summary.json``: the last evaluation of every site of ``experiment`` (the run's main federated model),
         ``missing_sites``: those of its ``members`` that did not evaluate the last round (``{site: last round they
         evaluated, or null}``: gone during the run, or never there), ``refusals``: every refusal recorded so far
-        (``{experiment, round, site, request, category, reason}``), and the run's size/time."""
+        (``{experiment, round, site, request, category, reason}``), ``rejections``: every rejected reply so far
+        (``{experiment, round, site, request, rule, reason}``), ``rejected``: their count per site (``*``: a
+        rejected aggregate), and the run's size/time."""
         evaluated = self.evaluated_round.get(experiment, {})
         summary = {
             "sites": self.latest_evaluation.get(experiment, {}),
             "missing_sites": {site: evaluated.get(site) for site in sorted(members) if evaluated.get(site) != rounds},
             "refusals": [{k: v for k, v in row.items() if k not in ("phase", "time")} for row in self.refusals],
+            "rejections": [{k: v for k, v in row.items() if k not in ("phase", "time")} for row in self.rejections],
+            "rejected": dict(sorted(Counter(row["site"] for row in self.rejections).items())),
             "model_name": experiment,
             "rounds": rounds,
             "wall_seconds": round(time.time() - self.started, 3),

@@ -130,7 +130,30 @@ class RunSettings(SiteSettings):
         if self.holdout_site and self.leave_one_out:
             problems.append("holdout-site and leave-one-out exclude each other: leave-one-out holds out every site "
                             "in turn")
-        return problems
+        declared = {d.name: d for d in self.declared()}
+        for name in ("fraction_train", "fraction_evaluate"):
+            if getattr(self, name) > 1:
+                problems.append(f"{declared[name].key} must be <= 1 (a fraction of the connected sites), got "
+                                f"{getattr(self, name)!r}")
+        for name in ("server_beta1", "server_beta2"):
+            if getattr(self, name) >= 1:
+                problems.append(f"{declared[name].key} must be < 1 (a decay rate), got {getattr(self, name)!r}")
+        if self.trim_fraction >= 0.5:
+            problems.append(f"trim-fraction must be < 0.5 (cut from each end of the sites' values), got "
+                            f"{self.trim_fraction!r}")
+        return problems + self._inactive_strategy_settings()
+
+    def _inactive_strategy_settings(self) -> list[str]:
+        """A strategy setting changed for a strategy that does not use it (it would do nothing: refused, with the
+        strategies it acts with)."""
+        users = {"proximal_mu": ("fedprox",), "server_learning_rate": ("fedadam", "fedyogi"),
+                 "server_beta1": ("fedadam", "fedyogi"), "server_beta2": ("fedadam", "fedyogi"),
+                 "server_tau": ("fedadam", "fedyogi"), "trim_fraction": ("fedtrimmedavg",),
+                 "krum_byzantine": ("krum",)}
+        defaults = {d.name: d for d in self.declared()}
+        return [f"{defaults[name].key} acts only with strategy = {' or '.join(map(repr, needs))}, not "
+                f"{self.strategy!r}: set strategy or leave {defaults[name].key} out" for name, needs in users.items()
+                if self.strategy not in needs and getattr(self, name) != defaults[name].default]
 
 
 def _default_options() -> dict[str, FamilyOptions]:

@@ -1,7 +1,7 @@
 """No wait without a deadline: the federation samples its sites with ``node-wait-seconds`` of ours.
 
 Flower's own sampling waits with no deadline until ``min_*_nodes`` nodes are online, so one SuperNode gone for good
-would stop the run forever. :class:`server.strategies.SiteFedAvg` waits at most ``node-wait-seconds``, goes on
+would stop the run forever. :class:`server.strategies.SiteStrategy` waits at most ``node-wait-seconds``, goes on
 with the connected sites when at least ``min-sites`` are there, names the missing ones, and samples a site again
 once it is back; with too few sites it stops with an error that names them and says what to do.
 
@@ -45,7 +45,7 @@ from server.app import wait_for_sites
 from server.run_log import RunRecorder
 from server.settings import RunSettings
 from server.sites import FederationError, SiteGrid, SiteInfo, describe_sites
-from server.strategies import SiteFedAvg
+from server.strategies import SiteStrategy
 from shared_models.registry import build_from_settings, family
 
 NAMES = ("site-a", "site-b", "site-c")
@@ -90,8 +90,8 @@ class Federation:
             assert time.monotonic() < deadline, "the link never marked the node offline"
             time.sleep(0.05)
 
-    def strategy(self, required: int, wait: float) -> SiteFedAvg:
-        return SiteFedAvg(recorder=RunRecorder(self.run_dir), reference=ArrayRecord(), required_sites=required,
+    def strategy(self, required: int, wait: float) -> SiteStrategy:
+        return SiteStrategy(recorder=RunRecorder(self.run_dir), reference=ArrayRecord(), required_sites=required,
                           experiment="global", node_wait_seconds=wait)
 
     def named(self, nodes) -> list[str]:
@@ -211,7 +211,7 @@ def test_the_deadline_holds_when_too_few_sites_were_ever_there(federation):
 
 # ---------------------------------------------------------------------------- a real federation (slow)
 def disconnecting_server_app(settings: RunSettings, outcome: dict) -> ServerApp:
-    """A ServerApp running SiteFedAvg over the project's sites, whose site-2 disconnects after round 1 and
+    """A ServerApp running SiteStrategy over the project's sites, whose site-2 disconnects after round 1 and
     reconnects after round 2 (through the simulation's link state: a SuperNode's node going offline and online);
     then a second federation that needs both sites while site-2 is gone. ``outcome`` gets what happened."""
     app = ServerApp()
@@ -234,12 +234,12 @@ def disconnecting_server_app(settings: RunSettings, outcome: dict) -> ServerApp:
         model = build_from_settings(settings)
         initial = ArrayRecord(family(settings.model).shared_state(model, settings.family_options))
         recorder = RunRecorder(run_dir)
-        one = SiteFedAvg(recorder=recorder, reference=initial, required_sites=1, experiment="global",
+        one = SiteStrategy(recorder=recorder, reference=initial, required_sites=1, experiment="global",
                          node_wait_seconds=settings.node_wait_seconds)
         one.start(grid=sites.named("global"), initial_arrays=initial, num_rounds=3, timeout=settings.round_timeout,
                   train_config=config, evaluate_config=config, evaluate_fn=network)
         assert state.deactivate_node(gone)  # gone again, now for good
-        both = SiteFedAvg(recorder=recorder, reference=initial, required_sites=2, experiment="both",
+        both = SiteStrategy(recorder=recorder, reference=initial, required_sites=2, experiment="both",
                           node_wait_seconds=settings.node_wait_seconds)
         start = time.monotonic()
         try:
