@@ -5,13 +5,16 @@ Messages: ``train`` / ``evaluate`` (a federated round), ``query.describe`` (what
 ``evaluate.cross`` (every model of the run on the site's test split, once, after training).
 What leaves the site: model weights and numbers (plus its display name and description); its local-only model and
 example crops only when its site.toml consents. A site's data path comes from its own node config
-(``--node-config "site-dir='/data/site'"``), never from the coordinator.
+(``--node-config "site-dir='/data/site'"``), never from the coordinator, and so does the most memory its prepared
+sites may take (``data-cache-mb``, :func:`client.pairs.set_data_cache_limit`). Weights arrive and leave in the
+round's ``transfer-dtype`` (float16 halves the bytes); the site trains and keeps its weights in float32.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -26,6 +29,8 @@ from client.policy import check_policy, refusal_mod
 from client.safe_errors import safe_errors_mod
 
 if TYPE_CHECKING:
+    import torch
+
     from client.pairs import PreparedSite
 
 log = logging.getLogger(__name__)
@@ -50,14 +55,15 @@ def build_client_app(simulated_site_dirs: Sequence[str] | None = None, mods: Seq
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         task, job, site, model = _setup(msg, context, simulated_site_dirs)
-        result = task.train(model, msg.content["arrays"].to_torch_state_dict(), site, job)
+        result = task.train(model, received_weights(msg.content["arrays"]), site, job)
         metrics = dict(result.metrics, **{"skipped-files": len(site.skipped)})
-        return _reply(msg, site, {"arrays": ArrayRecord(result.weights), "metrics": MetricRecord(metrics)})
+        return _reply(msg, site, {"arrays": sent_arrays(result.weights, job.transfer_dtype),
+                                  "metrics": MetricRecord(metrics)})
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         task, job, site, model = _setup(msg, context, simulated_site_dirs)
-        scores = task.evaluate(model, msg.content["arrays"].to_torch_state_dict(), site, job)
+        scores = task.evaluate(model, received_weights(msg.content["arrays"]), site, job)
         scores["num-examples"] = scores["num-val-slices"]
         scores["skipped-files"] = len(site.skipped)
         return _reply(msg, site, {"metrics": MetricRecord(scores)})
@@ -74,17 +80,18 @@ def build_client_app(simulated_site_dirs: Sequence[str] | None = None, mods: Seq
         """The site's local-only baseline; its weights leave the site only if its site.toml allows it."""
         task, job, site, model = _setup(msg, context, simulated_site_dirs)
         job = job.replace(purpose="local-baseline")
-        result = task.train_alone(model, msg.content["arrays"].to_torch_state_dict(), site, job,
+        result = task.train_alone(model, received_weights(msg.content["arrays"]), site, job,
                                   int(msg.content["config"]["local-rounds"]))
-        context.state[OWN_LOCAL_MODEL] = ArrayRecord(result.weights)
+        context.state[OWN_LOCAL_MODEL] = ArrayRecord(result.weights)  # kept in float32: it never travels from here
         records: dict = {"metrics": MetricRecord(dict(result.metrics, **{"skipped-files": len(site.skipped)}))}
         if site.config.share_local_model:
-            records["arrays"] = ArrayRecord(result.weights)
+            records["arrays"] = sent_arrays(result.weights, job.transfer_dtype)
         return _reply(msg, site, records)
 
     @app.train("pooled")
     def train_pooled(msg: Message, context: Context) -> Message:
-        """Simulation only: one model on every simulated site's training data, with the federation's compute."""
+        """Simulation only: one model on every simulated site's training data, with the federation's compute. Its
+        weights come back in float32 whatever the transfer dtype: they never cross a network."""
         from client.cross_site import pooled_site
 
         task, job, site, model = _setup(msg, context, simulated_site_dirs)
@@ -94,7 +101,7 @@ def build_client_app(simulated_site_dirs: Sequence[str] | None = None, mods: Seq
         if not dirs:
             raise RuntimeError("the pooled baseline needs every site's data: only a simulated site has it")
         pooled = pooled_site([task.prepare(str(folder), job) for folder in dirs])
-        result = task.train_alone(model, msg.content["arrays"].to_torch_state_dict(), pooled, job,
+        result = task.train_alone(model, received_weights(msg.content["arrays"]), pooled, job,
                                   int(config["local-rounds"]))
         return _reply(msg, site, {"arrays": ArrayRecord(result.weights), "metrics": MetricRecord(result.metrics)})
 
@@ -106,7 +113,7 @@ def build_client_app(simulated_site_dirs: Sequence[str] | None = None, mods: Seq
         from client.membership import MEMBERSHIP, membership_attack
 
         task, job, site, model = _setup(msg, context, simulated_site_dirs)
-        models = {key.removeprefix("model:"): record.to_torch_state_dict()
+        models = {key.removeprefix("model:"): received_weights(record)
                   for key, record in msg.content.array_records.items() if key.startswith("model:")}
         own = f"local:{site.name}"
         if msg.content["config"].get("score-own-local") and own not in models and OWN_LOCAL_MODEL in context.state:
@@ -135,6 +142,7 @@ def _setup(msg: Message, context: Context, simulated_site_dirs: Sequence[str] | 
     driver) never needs it.
     """
     from client.device import resolve_device
+    from client.pairs import set_data_cache_limit
     from client.tasks import RoundJob, task_for
     from shared_models.registry import build_from_settings
 
@@ -145,8 +153,26 @@ def _setup(msg: Message, context: Context, simulated_site_dirs: Sequence[str] | 
     site_config = load_site_config(site_dir)  # site.toml alone, read for every message: an edited policy applies
     check_policy(site_config.policy, job, msg.metadata.message_type, site_config.name)
     task = task_for(job.model)
+    set_data_cache_limit(context.node_config)
     site = task.prepare(str(site_dir), job)
     return task, job, site, build_from_settings(job)
+
+
+def received_weights(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """The weights of an ``ArrayRecord`` the coordinator sent, as torch tensors, float16 ones cast to float32
+    (``transfer-dtype = "float16"``): the site trains and scores in float32. Other dtypes come as they were sent."""
+    import torch
+
+    weights = record.to_torch_state_dict()
+    return {key: value.float() if value.dtype == torch.float16 else value for key, value in weights.items()}
+
+
+def sent_arrays(weights: Mapping[str, torch.Tensor], transfer_dtype: str) -> ArrayRecord:
+    """The ``ArrayRecord`` of weights that leave the site in ``transfer_dtype``: with ``"float16"`` every floating
+    tensor is cast to float16 (half the bytes; the coordinator casts back to float32), other tensors as they are."""
+    if transfer_dtype == "float16":
+        weights = {key: value.half() if value.is_floating_point() else value for key, value in weights.items()}
+    return ArrayRecord(dict(weights))
 
 
 def _reply(msg: Message, site: PreparedSite, records: dict, about: dict | None = None) -> Message:

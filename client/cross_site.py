@@ -15,6 +15,7 @@ from torch import nn
 
 from client.evaluation import crop_preview, score_scan
 from client.pairs import PreparedSite
+from client.personal import scoring_head
 from client.tasks.base import LocalTask, RoundJob
 
 #: The model name of a site's interpolation baseline in the scores.
@@ -22,7 +23,9 @@ INTERPOLATION = "interpolation"
 
 
 def describe(site: PreparedSite) -> dict:
-    """What the run's report shows of a site: no scan, path or patient id, only its settings and counts."""
+    """What the run's report shows of a site: no scan, path or patient id, only its settings and counts.
+    ``train_examples``: the size of its training split as its train replies count it (``num-examples``), which the
+    coordinator holds those replies to."""
     config = site.config
     return {
         "modality": config.modality,
@@ -33,6 +36,7 @@ def describe(site: PreparedSite) -> dict:
         "baseline": site.pairing.baseline_method,
         "scans": {split: counts["scans"] for split, counts in site.split_counts.items()},
         "patients": {split: counts["patients"] for split, counts in site.split_counts.items()},
+        "train_examples": int(site.pairing.num_examples(site.train)),
         "shares_local_model": config.share_local_model,
         "shares_previews": config.share_previews,
         "test_note": site.test_note,
@@ -46,7 +50,8 @@ def score_models(
 
     Returns ``({model: {metric: [one value per test scan]}}, previews)``; the scan order is the same for every
     model. ``previews`` (crops of the first test scan) only when the site shares them, else None. A site without
-    test scans returns no scores.
+    test scans returns no scores. With ``personal = "head"`` each model is scored with the site's own head for it
+    (:func:`client.personal.scoring_head`).
     """
     if not site.test:
         return {}, None
@@ -54,6 +59,7 @@ def score_models(
     scores: dict[str, dict[str, list[float]]] = {}
     for name, weights in models.items():
         task.load_global(model, weights, site, job)
+        scoring_head(model, weights, site, job)
         volumes = [site.pairing.restore(model, pair, device=job.torch_device) for pair in site.test]
         scores[name] = _per_scan(volumes, site, job)
         first[name] = volumes[0]

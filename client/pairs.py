@@ -5,21 +5,27 @@ The low-resolution image of every scan is synthesised with the site's *own* acqu
 becomes pairs, how pairs are sampled for training, how a model restores a whole scan, how the scan is scored beside
 an interpolation baseline and how an output is acquired again (the forward model) is a :class:`Pairing` (in-plane
 and isotropic pairs in :mod:`client.paired`, one-axis pairs in :mod:`client.selfsup`); a family's local task picks
-one. Loading and degrading happen once per (site folder, scale, pairing) and are cached for the life of the
-process: Flower calls the ClientApp every round, and re-reading scans each round would dominate the round time.
+one. Loading and degrading happen when a message for the site arrives, once per (site folder, scale, pairing),
+and the result is cached (:class:`PreparedSites`): Flower calls the ClientApp every round, and re-reading scans each
+round would dominate the round time. The cache is bounded by the bytes of its arrays (the node config's
+``data-cache-mb``, else a quarter of the machine's memory), so one simulation worker that serves many sites in turn
+keeps the most recently used ones only.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import logging
+import math
+import os
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -210,6 +216,14 @@ class PreparedSite:
     split_counts: dict[str, dict[str, int]]
     test_note: str | None
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays its pairs hold (voxels and geometry of every split; an array two pairs share is
+        counted once): what keeping the site prepared costs in memory."""
+        arrays = {id(value): value for pair in (*self.train, *self.val, *self.test)
+                  for value in vars(pair).values() if isinstance(value, np.ndarray)}
+        return sum(array.nbytes for array in arrays.values())
+
 
 def intensity_policy(site: Site) -> dict:
     """The site's intensity mapping rule (not any scan's values): modality, kind and range."""
@@ -225,11 +239,98 @@ def site_seed(name: str, seed: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-@functools.cache
+#: Node-config key: the most memory (MiB) one process keeps in prepared sites (``--node-config "data-cache-mb=4096"``).
+DATA_CACHE_KEY = "data-cache-mb"
+
+
+def default_cache_bytes() -> int:
+    """A quarter of the machine's physical memory: a simulation worker keeps some 20 phantom sites of the tiny
+    benchmark on a 24 GiB machine, and leaves the rest to training, the coordinator and the other workers."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
+class PreparedSites:
+    """Prepared sites by (site folder, scale, pairing), least recently used first out: when their arrays
+    (:attr:`PreparedSite.nbytes`) together pass ``limit_bytes``, the least recently used sites are let go, and
+    prepared again from their folders (the same pairs: their noise is seeded) when a message for them comes. The
+    site just prepared or used is kept even when it alone passes the limit (it is needed now)."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self._sites: OrderedDict[tuple[str, int, Pairing], PreparedSite] = OrderedDict()
+        self._lock = threading.Lock()  # for messages handled on several threads; preparing runs outside it
+
+    def get(self, site_dir: str, scale: int, pairing: Pairing) -> PreparedSite:
+        """The site prepared with ``pairing`` (:func:`load_prepared_site` on a miss), now the most recently used."""
+        key = (site_dir, scale, pairing)
+        with self._lock:
+            if key in self._sites:
+                self._sites.move_to_end(key)
+                return self._sites[key]
+        site = load_prepared_site(site_dir, scale, pairing)
+        with self._lock:
+            self._sites[key] = site
+            self._sites.move_to_end(key)
+            self._evict()
+        return site
+
+    def set_limit(self, limit_bytes: int) -> None:
+        """A new limit, applied at once."""
+        with self._lock:
+            self.limit_bytes = limit_bytes
+            self._evict()
+
+    def held(self) -> list[tuple[str, int, Pairing]]:
+        """The keys of the sites kept, least recently used first."""
+        with self._lock:
+            return list(self._sites)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of the arrays of every site kept."""
+        with self._lock:
+            return sum(site.nbytes for site in self._sites.values())
+
+    def clear(self) -> None:
+        """Let every site go."""
+        with self._lock:
+            self._sites.clear()
+
+    def _evict(self) -> None:
+        sizes = {key: site.nbytes for key, site in self._sites.items()}
+        while len(self._sites) > 1 and sum(sizes.values()) > self.limit_bytes:
+            key, site = self._sites.popitem(last=False)
+            log.info("site %s: its prepared data (%.1f MB) let go to stay under %s %.0f; prepared again when used",
+                     site.name, sizes.pop(key) / 2**20, DATA_CACHE_KEY, self.limit_bytes / 2**20)
+
+
+#: The process's prepared sites (:func:`prepare_site`).
+PREPARED_SITES = PreparedSites(default_cache_bytes())
+
+
+def set_data_cache_limit(node_config: Mapping[str, Any]) -> None:
+    """Bound :data:`PREPARED_SITES` by the node config's ``data-cache-mb`` (MiB), else by
+    :func:`default_cache_bytes`. Raises ValueError naming the key when it is not a number > 0."""
+    value = node_config.get(DATA_CACHE_KEY)
+    if value is None:
+        PREPARED_SITES.set_limit(default_cache_bytes())
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(
+            f"node config {DATA_CACHE_KEY!r} must be a number of megabytes > 0, got {value!r}: start the SuperNode "
+            f"with --node-config \"{DATA_CACHE_KEY}=4096\" (or leave it out for a quarter of the machine's memory)"
+        )
+    PREPARED_SITES.set_limit(int(value * 2**20))
+
+
 def prepare_site(site_dir: str, scale: int, pairing: Pairing) -> PreparedSite:
-    """Load a site folder once and make its train, validation and test pairs with ``pairing`` (cached per process,
-    with no size limit: one simulation worker may serve every site in turn, and an evicted site would be read and
-    degraded again every round).
+    """The site folder's pairs made with ``pairing``: from :data:`PREPARED_SITES`, prepared when not kept there."""
+    return PREPARED_SITES.get(site_dir, scale, pairing)
+
+
+def load_prepared_site(site_dir: str, scale: int, pairing: Pairing) -> PreparedSite:
+    """Load a site folder and make its train, validation and test pairs with ``pairing`` (uncached: use
+    :func:`prepare_site`).
 
     LR noise is drawn from a stream seeded by the site's name and split seed; the test pairs draw from a stream
     of their own, so train and validation pairs are the same whether or not the site has test scans.

@@ -238,11 +238,13 @@ def unit_rows(n_units: int, per_unit: int) -> torch.Tensor:
 
 def train_private(model: nn.Module, units: PrivacyUnits, plan: PrivacyPlan, job: RoundJob) -> dict[str, float]:
     """``plan.steps`` DP-SGD (Adam) steps on ``units`` with the job's loss and learning rate; ``model`` is trained
-    in place and left on the job's device. Returns ``train-*`` metrics and what clipping did
+    in place and left on the job's device. FedProx's term (``job.proximal``) is added to the private gradient after
+    clipping and noise (it reads no training data). Returns ``train-*`` metrics and what clipping did
     (``dp-clipped-fraction``: of the units sampled; ``dp-units-per-step``: mean)."""
     device = job.torch_device
     criterion = loss_from_spec(job.loss).to(device)
     model.to(device, memory_format=torch.contiguous_format).train()
+    proximal = job.proximal(model)
     sampling, noise = private_randomness(device)
     private = PrivateGradient(model, plan, noise)
     optimiser = torch.optim.Adam(private.params, lr=job.learning_rate)
@@ -255,6 +257,8 @@ def train_private(model: nn.Module, units: PrivacyUnits, plan: PrivacyPlan, job:
             lr, hr = (t.to(device) for t in units.batch(chosen))
             batch_loss = functools.partial(_batch_loss, criterion=criterion, lr=lr, hr=hr)
         value = private.step_gradients(batch_loss, unit_rows(len(chosen), units.per_unit), len(chosen))
+        if proximal is not None:
+            proximal.add_to_gradients()
         optimiser.step()
         if value is not None:
             losses.append(value)

@@ -1,9 +1,11 @@
-"""Local training at one site: patch sampling from the site's train split and the supervised loop."""
+"""Local training at one site: patch sampling from the site's train split, the supervised loop and FedProx's
+proximal term."""
 
 from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -89,6 +91,45 @@ class PatchSampler(PairedPatches):
         return lr, hr
 
 
+class ProximalTerm:
+    """FedProx's proximal term ``(mu / 2) * sum_i ||w_i - w_global_i||^2`` over some parameters, ``w_global`` their
+    values when the term is made (made right after the coordinator's weights are loaded: the weights received).
+
+    It enters training through its gradient, ``mu * (w - w_global)``, which :meth:`add_to_gradients` adds to each
+    parameter's ``.grad`` after the backward pass of the task's loss: the gradient of loss + term, exactly, without
+    the term in the autograd graph. The DP paths add it after clipping and noise: it depends on no training data
+    (only on the weights and on what the coordinator sent), so it costs no privacy. Reported losses leave it out,
+    so they compare across strategies.
+    """
+
+    def __init__(self, mu: float, parameters: Iterable[nn.Parameter], device: torch.device) -> None:
+        self.mu = float(mu)
+        self.received = [(p, p.detach().to(device, copy=True)) for p in parameters]
+
+    @classmethod
+    def over(
+        cls, model: nn.Module, travelling: Collection[str], mu: float, device: torch.device,
+        within: nn.Module | None = None,
+    ) -> ProximalTerm | None:
+        """The term over ``model``'s trainable parameters whose names (``model.named_parameters()``) are in
+        ``travelling``, only those of its sub-module ``within`` when given; None when there is no such parameter.
+        The snapshot is on ``device``, where training will run."""
+        part = {id(p) for p in (within if within is not None else model).parameters()}
+        chosen = [p for name, p in model.named_parameters()
+                  if name in travelling and p.requires_grad and id(p) in part]
+        return cls(mu, chosen, device) if chosen else None
+
+    @torch.no_grad()
+    def add_to_gradients(self) -> None:
+        """``p.grad += mu * (p - p_received)`` for every parameter of the term (``p.grad`` set when it is None)."""
+        for p, received in self.received:
+            pull = (p - received).mul_(self.mu)
+            if p.grad is None:
+                p.grad = pull
+            else:
+                p.grad.add_(pull)
+
+
 @dataclass(frozen=True)
 class TrainStats:
     """What one local training call did: mean loss over its last quarter of steps, patches seen, seconds."""
@@ -107,8 +148,10 @@ def train_supervised(
     learning_rate: float,
     loss: str,
     device: torch.device,
+    proximal: ProximalTerm | None = None,
 ) -> TrainStats:
     """Run ``steps`` Adam steps on sampled patches; the model is updated in place and left on ``device``.
+    ``proximal``: FedProx's term added to the loss (its gradient to every step's), None for plain local training.
 
     On CUDA the forward pass runs under bfloat16 autocast with channels-last tensors; on the CPU everything is
     float32 and, for a fixed seed, deterministic.
@@ -131,6 +174,8 @@ def train_supervised(
         if not torch.isfinite(value):
             raise FloatingPointError("training loss became NaN/Inf; lower --learning-rate")
         value.backward()
+        if proximal is not None:
+            proximal.add_to_gradients()
         optimiser.step()
         losses.append(value.detach())
     tail = torch.stack(losses[-max(1, steps // 4) :]).mean().item()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -13,8 +14,13 @@ from torch import nn
 
 from client.pairs import PreparedSite
 from client.state import site_state_dir
-from shared_models.registry import family
-from shared_models.settings import FamilyOptions, SiteSettings
+from client.training import ProximalTerm
+from shared_models.registry import family, family_of, unwrap
+from shared_models.settings import FamilyOptions, SiteSettings, coerce
+
+
+#: The train-config key of FedProx's mu (the name Flower's FedProx strategy uses).
+PROXIMAL_MU_KEY = "proximal-mu"
 
 
 @dataclass(frozen=True)
@@ -25,7 +31,10 @@ class RoundJob(SiteSettings):
     the coordinator's).
 
     ``purpose``: which model the job trains, "" for the federated one, else a baseline's name (``local-baseline``,
-    ``pooled``): state a family keeps between rounds (a local discriminator) is kept apart per purpose."""
+    ``pooled``): state a family keeps between rounds (a local discriminator) is kept apart per purpose.
+
+    ``proximal_mu``: FedProx's mu, read from the train config's ``proximal-mu`` (which Flower's FedProx strategy
+    adds; absent: 0.0, plain local training); see :meth:`proximal`."""
 
     server_round: int = 0
     run_id: int = 0
@@ -33,6 +42,12 @@ class RoundJob(SiteSettings):
     options: FamilyOptions | None = None
     torch_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     node_config: Mapping[str, Any] = field(default_factory=dict)
+    proximal_mu: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
+            raise ValueError(f"{PROXIMAL_MU_KEY} must be a finite number >= 0, got {self.proximal_mu!r}")
 
     @classmethod
     def from_config(
@@ -51,8 +66,18 @@ class RoundJob(SiteSettings):
             options=options_type.parse(config) if options_type is not None else None,
             torch_device=torch_device,
             node_config=dict(node_config or {}),
+            proximal_mu=float(coerce(PROXIMAL_MU_KEY, config.get(PROXIMAL_MU_KEY, 0.0), float)),
         )
 
+    def proximal(self, model: nn.Module, within: nn.Module | None = None) -> ProximalTerm | None:
+        """FedProx's term for this round over the weights of ``model`` that travel (its family's ``shared_state``),
+        those of its part ``within`` only when given, at their values now: call it after the coordinator's weights
+        are loaded. None (nothing to compute) when ``proximal_mu`` is 0 or no such weight is trainable."""
+        if self.proximal_mu == 0:
+            return None
+        root = unwrap(model)
+        travelling = family_of(root).shared_state(root, self.options).keys()
+        return ProximalTerm.over(root, travelling, self.proximal_mu, self.torch_device, within)
 
     def state_folder(self, site_dir: Path) -> Path:
         """The site's state folder for this job's purpose (created on first use; see client.state)."""

@@ -11,7 +11,9 @@ round as ``gan.*``):
 - ``gan.adversarial-weight``: weight of the relativistic adversarial term after warm-up.
 
 After warm-up the generator loss is ``pixel (job.loss) + 0.1 * structural (SSIM, or HFEN) + weight *
-relativistic average adversarial loss``, and the discriminator takes one step per generator step.
+relativistic average adversarial loss``, and the discriminator takes one step per generator step. Under FedProx
+(``proximal-mu`` > 0) each network's loss also has the proximal term over its weights that travel
+(:meth:`client.tasks.base.RoundJob.proximal`): the generator's always, the discriminator's when it is federated.
 """
 
 from __future__ import annotations
@@ -85,8 +87,9 @@ class GanTask(SupervisedTask):
 
     def load_global(self, model: nn.Module, weights: dict[str, torch.Tensor], site: PreparedSite, job: RoundJob) -> None:
         """Load the coordinator's weights: every key ("federated"), or exactly the generator's ("local": the
-        discriminator is the site's own, restored from its state folder when it trains). A coordinator that sends
-        the other mode's weights is an error naming both."""
+        discriminator is the site's own, restored from its state folder when it trains); a personal head is the
+        site's own either way (the supervised task's ``load_global``). A coordinator that sends the other mode's
+        weights is an error naming both."""
         pair = _pair(model)
         mode = _options(job).discriminator
         sent_discriminator = any(k.startswith(DISCRIMINATOR_PREFIX) for k in weights)
@@ -96,14 +99,7 @@ class GanTask(SupervisedTask):
                 f"gan.discriminator is {mode!r} but the coordinator sent {sent}: in 'local' mode it must send the "
                 "generator only, in 'federated' mode both networks"
             )
-        if mode == "federated":
-            pair.load_state_dict(weights)
-            return
-        expected = {k for k in pair.state_dict() if not k.startswith(DISCRIMINATOR_PREFIX)}
-        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-        if missing or unexpected:
-            raise ValueError(f"generator weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        pair.load_state_dict(weights, strict=False)  # shapes are still checked
+        super().load_global(pair, weights, site, job)  # exactly the travelling keys; the site's head, acquisition
 
     def fit(self, model: nn.Module, site: PreparedSite, job: RoundJob, rng: np.random.Generator) -> dict[str, float]:
         sampler = site.pairing.sampler(site.train, site.scale, job.patch_size, rng)
@@ -170,6 +166,7 @@ def _train_pair(
     generator_adv, discriminator_adv = ADVERSARIAL_LOSSES[ADVERSARIAL_LOSS]
     generator, discriminator = pair.generator, pair.discriminator
     pair.to(device).train()
+    proximal_g, proximal_d = job.proximal(pair, generator), job.proximal(pair, discriminator)
     opt_g = torch.optim.Adam(generator.parameters(), lr=job.learning_rate, betas=ADAM_BETAS)
     opt_d = _discriminator_optimiser(discriminator.parameters(), job, optimiser_state) if adversarial else None
 
@@ -192,6 +189,8 @@ def _train_pair(
             raise FloatingPointError("generator loss became NaN/Inf; lower --learning-rate")
         opt_g.zero_grad(set_to_none=True)
         total.backward()
+        if proximal_g is not None:
+            proximal_g.add_to_gradients()
         opt_g.step()
         pixel_values.append(pixel.detach())
         if adversarial:
@@ -201,6 +200,8 @@ def _train_pair(
                 raise FloatingPointError("discriminator loss became NaN/Inf; lower --learning-rate")
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
+            if proximal_d is not None:
+                proximal_d.add_to_gradients()
             opt_d.step()
             d_values.append(d_loss.detach())
 
@@ -238,6 +239,7 @@ def _train_pair_private(
     generator_adv, discriminator_adv = ADVERSARIAL_LOSSES[PRIVATE_ADVERSARIAL_LOSS]
     generator, discriminator = pair.generator, pair.discriminator
     pair.to(device, memory_format=torch.contiguous_format).train()
+    proximal_g, proximal_d = job.proximal(pair, generator), job.proximal(pair, discriminator)
     sampling, noise = private_randomness(device)
     scale = math.sqrt(2.0) if adversarial else 1.0
     private_g = PrivateGradient(generator, plan, noise, noise_scale=scale)
@@ -273,9 +275,13 @@ def _train_pair_private(
             private_d.module.enable_hooks()
             d_value = private_d.step_gradients(discriminator_loss if len(chosen) else None,
                                                torch.cat([rows, rows]), len(chosen))
+            if proximal_d is not None:
+                proximal_d.add_to_gradients()
             opt_d.step()
             if d_value is not None:
                 d_values.append(torch.tensor(d_value))
+        if proximal_g is not None:
+            proximal_g.add_to_gradients()
         opt_g.step()
         sampled += len(chosen)
         if "pixel" in taken:

@@ -12,13 +12,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from client.acquisition import site_acquisition
 from client.evaluation import evaluate_pairs
 from client.paired import paired_for
 from client.pairs import Pairing, PreparedSite, prepare_site, site_seed
+from client.personal import evaluation_head, keep_head, start_head
 from client.privacy import private_fit, refuse_without_dp
 from client.tasks.base import LocalTask, RoundJob, TrainResult
 from client.training import train_supervised
-from shared_models.registry import family_of
+from shared_models.conditioning import set_acquisition
+from shared_models.registry import family_of, load_shared_state
 
 
 def round_seed(site: PreparedSite, job: RoundJob) -> int:
@@ -37,15 +40,21 @@ class SupervisedTask(LocalTask):
         return prepare_site(site_dir, job.scale, self.pairing(job))
 
     def load_global(self, model: nn.Module, weights: dict[str, torch.Tensor], site: PreparedSite, job: RoundJob) -> None:
-        """Put the coordinator's weights into the freshly built model (every key, strictly)."""
-        model.load_state_dict(weights)
+        """Put the coordinator's weights into the freshly built model: exactly the keys its family sends. With
+        ``personal = "head"`` the site's own head from an earlier round of this training, else the head as built
+        (client.personal); with ``condition = "acquisition"`` the site's acquisition description
+        (client.acquisition)."""
+        load_shared_state(model, weights, job.options)
+        start_head(model, site, job)
+        if job.condition == "acquisition":
+            set_acquisition(model, site_acquisition(site))
 
     def fit(self, model: nn.Module, site: PreparedSite, job: RoundJob, rng: np.random.Generator) -> dict[str, float]:
         """Train ``model`` in place on the site's training pairs; returns ``train-*`` metrics."""
         sampler = site.pairing.sampler(site.train, site.scale, job.patch_size, rng)
         stats = train_supervised(
             model, sampler, steps=job.local_steps, batch_size=job.batch_size,
-            learning_rate=job.learning_rate, loss=job.loss, device=job.torch_device,
+            learning_rate=job.learning_rate, loss=job.loss, device=job.torch_device, proximal=job.proximal(model),
         )
         return {"train-loss": stats.loss, "train-patches": stats.patches, "train-seconds": stats.seconds}
 
@@ -82,8 +91,10 @@ class SupervisedTask(LocalTask):
         return self.fit(model, site, job, np.random.default_rng(seed))
 
     def _result(self, model: nn.Module, site: PreparedSite, job: RoundJob, stats: dict[str, float]) -> TrainResult:
-        """The weights that leave the site (the family's ``shared_state``) with ``num-examples`` and ``stats``."""
+        """The weights that leave the site (the family's ``shared_state``) with ``num-examples`` and ``stats``; a
+        personal head is saved in the site's state folder instead."""
         shared = family_of(model).shared_state(model, job.options)
+        keep_head(model, site, job, shared)
         metrics = {"num-examples": site.pairing.num_examples(site.train), **stats}
         return TrainResult({k: v.detach().cpu() for k, v in shared.items()}, metrics)
 
@@ -91,4 +102,5 @@ class SupervisedTask(LocalTask):
         self, model: nn.Module, weights: dict[str, torch.Tensor], site: PreparedSite, job: RoundJob
     ) -> dict[str, float]:
         self.load_global(model, weights, site, job)
+        evaluation_head(model, weights, site, job)
         return evaluate_pairs(model, site.val, site.pairing, device=job.torch_device, max_slices=job.eval_max_slices)
