@@ -27,6 +27,8 @@ from server.report import write_report
 from server.run_log import RunRecorder, check_resumed_config, file_stem, write_run_config
 from server.settings import RunSettings
 from server.sites import FederationError, SiteGrid, describe_sites
+from shared_models.conditioning import conditioning_summary
+from shared_models.personal import personalisation_summary
 from shared_models.registry import build_from_settings, family, model_spec
 
 log = logging.getLogger(__name__)
@@ -119,6 +121,8 @@ def run_federation(grid: Grid, settings: RunSettings) -> RunRecorder:
                      name=target, round_=settings.num_rounds, export=True)
     main = next(iter(plan))
     extra = {"model": spec, **({"central_dp": central_privacy(settings)} if settings.dp == "central" else {})}
+    extra.update({key: value for key, value in (("personal", personalisation_summary(model, settings)),
+                                                ("conditioning", conditioning_summary(model))) if value})
     recorder.write_summary(settings.num_rounds, main, extra,
                            members=[site.name for site in plan[main].sites.values()])
 

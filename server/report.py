@@ -29,6 +29,11 @@ report.json (``"schema": "fedsr-report/1"``), keys in this order:
 - ``refusals``: metrics.jsonl's ``refused`` rows in file order, each ``{"experiment", "round", "site", "request",
   "category", "reason"}``: a site declined ``request`` (a message type: ``train``, ``evaluate``, ``train.local``,
   ``train.pooled``, ``evaluate.cross``) of that round, for the reason it gave (e.g. its site.toml ``[policy]``).
+- ``rejections``: metrics.jsonl's ``rejected`` rows in file order, each ``{"experiment", "round", "site", "request",
+  "rule", "reason"}``: the coordinator did not use the site's reply to ``request`` (``train``, ``evaluate``,
+  ``evaluate.cross``) because it broke ``rule`` (server.updates: ``records``, ``keys``, ``shape``, ``dtype``,
+  ``non-finite``, ``num-examples``, ``metric-keys``, ``norm``), or, site ``*`` and rule ``aggregate``, the round's
+  aggregate was non-finite and not adopted.
 - ``privacy``: ``{"dp": "none" | "local", "unit", "target_epsilon", "warning": str | null, "sites": {SITE:
   {"epsilon", "delta", "noise_multiplier", "sample_rate", "units", "clip_norm", "clipped_fraction", "round"}}}``:
   (and ``"central"``: summary.json's ``central_dp``, ``{"unit": "site", "epsilon", "delta", "noise_multiplier",
@@ -38,6 +43,10 @@ report.json (``"schema": "fedsr-report/1"``), keys in this order:
   ``warning``: set for patch-level DP (the guarantee covers an image tile, not a patient). ``membership``: cross_site.json's
   ``membership``, ``{SITE: {"mia-auc", "mia-advantage", "mia-members", "mia-non-members"}}``: the loss-threshold
   membership-inference attack on the global model at each site (client.membership), for every run, DP or not.
+- ``model_options``: summary.json's ``personal`` (personal = "head": the modules and weights each site keeps,
+  their parameter count, and how a site without its own head is served: shared_models.personal) and
+  ``conditioning`` (condition = "acquisition": the FiLM, its feature maps and the acquisition fields with units:
+  shared_models.conditioning), each null when the run did not use it.
 - ``previews``: ``{SITE: {"file": "previews/SITE.npz", "models": [MODEL, ...]}}`` (the ``sr:MODEL`` arrays it holds).
 - ``notes``: cross_site.json's notes, then the report's own (no cross-site evaluation, sites without test scores,
   sites with fewer than 3 test scans).
@@ -62,7 +71,9 @@ from typing import Any
 import numpy as np
 from scipy.stats import bootstrap
 
-from server.run_log import REFUSAL_KEYS, REFUSED, atomic_write_text, file_stem, read_run_config
+from server.run_log import (
+    REFUSAL_KEYS, REFUSED, REJECTED, REJECTION_KEYS, atomic_write_text, file_stem, read_run_config,
+)
 from shared_models.errors import ExplainedError
 from shared_models.settings import PATCH_UNIT_WARNING
 
@@ -139,6 +150,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     sites = {name: {**entry, "test_note": entry.get("test_note")} for name, entry in stored["sites"].items()}
     scores: Scores = stored["scores"]
     notes = [*stored["notes"], *notes, *_site_notes(sites, scores)]
+    summary = read_summary(run_dir / "summary.json")
     return {
         "schema": SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -152,8 +164,10 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         "rounds": [_row(r) for r in rows if r.get("phase") == "evaluate"],
         "training": [_row(r) for r in rows if r.get("phase") == "train"],
         "refusals": [_refusal(r) for r in rows if r.get("phase") == REFUSED],
-        "privacy": {**privacy_summary(config, rows, read_summary(run_dir / "summary.json").get("central_dp")),
+        "rejections": [_rejection(r) for r in rows if r.get("phase") == REJECTED],
+        "privacy": {**privacy_summary(config, rows, summary.get("central_dp")),
                     "membership": stored.get("membership", {})},
+        "model_options": {"personal": summary.get("personal"), "conditioning": summary.get("conditioning")},
         "previews": list_previews(run_dir / "previews", list(sites)),
         "notes": notes,
     }
@@ -291,8 +305,18 @@ def privacy_summary(config: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
 
 def _refusal(row: Mapping[str, Any]) -> dict[str, Any]:
     """A metrics.jsonl refusal row for the report (a missing key: an empty string)."""
+    return _event(row, REFUSAL_KEYS)
+
+
+def _rejection(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A metrics.jsonl rejection row for the report (a missing key: an empty string)."""
+    return _event(row, REJECTION_KEYS)
+
+
+def _event(row: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """A row's experiment (``global`` when it has none), round, site and its own ``keys`` as text."""
     return {"experiment": row.get("experiment", "global"), "round": row["round"], "site": row["site"],
-            **{key: str(row.get(key, "")) for key in REFUSAL_KEYS}}
+            **{key: str(row.get(key, "")) for key in keys}}
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

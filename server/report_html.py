@@ -4,7 +4,8 @@ No external CSS, script, font or image: the figures (:mod:`server.report_plots`)
 ``data:`` URIs, and every number a figure shows is also in an HTML table. Every string from the run (site names,
 scanners, notes: they come from hospitals' ``site.toml``) is HTML-escaped.
 
-Sections, in order: header and notes, refusals (when a site refused a request), privacy (the epsilon a DP run
+Sections, in order: header and notes, refusals (when a site refused a request), rejected updates (when the
+coordinator did not use a site's reply), privacy (the epsilon a DP run
 spent; the membership-inference check of the global model), cross-site heatmaps (one per
 metric), gain over interpolation, validation curves per round, leave-one-out (when the run has holdout models), data
 consistency, example crops (sites that share previews only), sites.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import base64
 import struct
 import zipfile
+from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from html import escape
 from pathlib import Path
@@ -76,7 +78,9 @@ def render_report_html(report: Mapping[str, Any], run_dir: Path) -> str:
     sections = [
         _header(report, run_dir, sites),
         _refusals(report),
+        _rejections(report),
         _privacy(report),
+        _model_options(report),
         _cross_site(report, models, sites),
         _gains(report, models, sites),
         _rounds(report, sites),
@@ -170,25 +174,39 @@ def _header(report: Mapping[str, Any], run_dir: Path, sites: Sequence[str]) -> s
         "Model": f"{model}, scale ×{config.get('scale', '?')}, {config.get('spatial-dims', '?')}D",
         "Sites": f"{len(sites)}: {', '.join(sites)}" if sites else "no cross-site scores (see the notes)",
         "Rounds": str(config.get("num-rounds", "?")),
+        "Aggregation": _aggregation(config),
         "Created": str(report.get("created", "?")),
     }
     facts_html = "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in facts.items())
-    links = [("notes", "Notes"), ("refusals", "Refusals"), ("cross-site", "Cross-site"), ("gain", "Gain"),
-             ("rounds", "Rounds"), ("leave-one-out", "Leave-one-out"), ("consistency", "Consistency"),
-             ("previews", "Crops"), ("sites", "Sites")]
+    links = [("notes", "Notes"), ("refusals", "Refusals"), ("rejections", "Rejected updates"),
+             ("cross-site", "Cross-site"), ("gain", "Gain"), ("rounds", "Rounds"), ("leave-one-out", "Leave-one-out"),
+             ("consistency", "Consistency"), ("previews", "Crops"), ("sites", "Sites")]
     if not report.get("leave_one_out"):
         links.remove(("leave-one-out", "Leave-one-out"))
     if not report.get("refusals"):
         links.remove(("refusals", "Refusals"))
+    if not report.get("rejections"):
+        links.remove(("rejections", "Rejected updates"))
     privacy = report.get("privacy") or {}
     if privacy.get("dp", "none") != "none" or privacy.get("membership"):
         links.insert(links.index(("cross-site", "Cross-site")), ("privacy", "Privacy"))
+    if any((report.get("model_options") or {}).values()):
+        links.insert(links.index(("cross-site", "Cross-site")), ("model-options", "Personal & conditioned"))
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in links)
     notes = report.get("notes") or []
     notes_html = ("<ul>" + "".join(f"<li>{escape(str(n))}</li>" for n in notes) + "</ul>") if notes \
         else '<p class="note">No notes.</p>'
     return (f'<header id="header"><h1>Federated super-resolution: cross-site report</h1>'
             f'<dl class="run">{facts_html}</dl><nav>{nav}</nav></header>\n' + _section("notes", "Notes", notes_html))
+
+
+def _aggregation(config: Mapping[str, Any]) -> str:
+    """The run's strategy, and its sampling and transfer dtype where they are not the defaults."""
+    parts = [str(config.get("strategy", "fedavg"))]
+    parts += [f"{key} {config[key]:g}" for key in ("fraction-train", "fraction-evaluate") if config.get(key, 1.0) < 1]
+    if config.get("transfer-dtype", "float32") != "float32":
+        parts.append(f"weights sent as {config['transfer-dtype']}")
+    return ", ".join(parts)
 
 
 def _refusals(report: Mapping[str, Any]) -> str:
@@ -203,6 +221,27 @@ def _refusals(report: Mapping[str, Any]) -> str:
             + _table(["site", "round", "phase", "experiment", "category", "reason"], rows,
                      text_columns=(0, 2, 3, 4, 5)))
     return _section("refusals", "Refusals", body)
+
+
+def _rejections(report: Mapping[str, Any]) -> str:
+    """The replies the coordinator did not use (report.json's ``rejections``): the count per site and rule, and
+    every rejection; nothing when none was rejected."""
+    rejections = report.get("rejections") or []
+    if not rejections:
+        return ""
+    counts = Counter((str(r["site"]), str(r["rule"])) for r in rejections)
+    rows = ([escape(str(r["site"])), escape(str(r["round"])), escape(str(r["request"])), escape(str(r["experiment"])),
+             escape(str(r["rule"])), escape(str(r["reason"]))] for r in rejections)
+    body = ("<p>Replies the coordinator checked and did not use: weights or numbers that do not fit the global "
+            "model, are not finite, claim more examples than the site has, or moved the weights far more than the "
+            "other sites did (rule <code>norm</code>). That site was left out of that round, as a site that does "
+            "not reply; site <code>*</code> is a round whose aggregate was not finite and was not adopted (the "
+            "weights stayed those of the round before).</p>"
+            + _table(["site", "rule", "rejected replies"],
+                     ([escape(site), escape(rule), str(n)] for (site, rule), n in sorted(counts.items())),
+                     text_columns=(0, 1))
+            + _table(["site", "round", "phase", "experiment", "rule", "reason"], rows, text_columns=(0, 2, 3, 4, 5)))
+    return _section("rejections", "Rejected updates", body)
 
 
 def _privacy(report: Mapping[str, Any]) -> str:
@@ -220,6 +259,36 @@ def _privacy(report: Mapping[str, Any]) -> str:
                      "Part of any gap is patient variation; compare with a run without DP on the same sites.</p>"
                      + _table(["site", "attack AUC", "advantage", "slices (train / test)"], rows))
     return _section("privacy", "Privacy", "".join(parts)) if parts else ""
+
+
+def _model_options(report: Mapping[str, Any]) -> str:
+    """Which parameters stayed at the sites and how a new site is served (personal = "head"), and what the network
+    was conditioned on (condition = "acquisition"): report.json's ``model_options``; nothing when neither."""
+    options = report.get("model_options") or {}
+    parts = []
+    personal = options.get("personal")
+    if personal:
+        total = personal["personal_parameters"] + personal["shared_parameters"]
+        parts.append(
+            "<h3>Personal head</h3>"
+            f"<p>Modules <code>{escape(', '.join(personal['modules']))}</code>: {personal['personal_parameters']:,} "
+            f"of {total:,} parameters ({100 * personal['personal_parameters'] / max(total, 1):.1f} %) stayed at each "
+            f"site. {escape(personal['kept'][:1].upper() + personal['kept'][1:])}.</p><ul>"
+            + "".join(f"<li>{escape(personal[key][:1].upper() + personal[key][1:])}.</li>"
+                      for key in ("evaluation", "new_site", "released"))
+            + "</ul><details><summary>Personal weights</summary><p><code>"
+            + escape(", ".join(personal["weights"])) + "</code></p></details>")
+    conditioning = options.get("conditioning")
+    if conditioning:
+        rows = ([escape(f["name"]), escape(str(f["unit"])), f"{f['scale']:g}", escape(f["meaning"])]
+                for f in conditioning["fields"])
+        parts.append(
+            "<h3>Conditioned on the acquisition</h3>"
+            f"<p>{escape(conditioning['method'])}; feature map(s) <code>"
+            f"{escape(', '.join(conditioning['feature_maps']))}</code>, {conditioning['film_parameters']:,} "
+            f"parameters (shared). Sources: {escape(conditioning['sources'])}.</p>"
+            + _table(["field", "unit", "scale", "meaning"], rows, text_columns=(0, 1, 3)))
+    return _section("model-options", "Personalisation and conditioning", "".join(parts)) if parts else ""
 
 
 def _dp_spent(privacy: Mapping[str, Any]) -> str:

@@ -56,9 +56,12 @@ def _upsampler(spatial_dims: int, width: int, scale: int) -> nn.Sequential:
     )
 
 
-@register_model("edsr", presets=EDSR_PRESETS)
+@register_model("edsr", presets=EDSR_PRESETS, head=("upsample", "tail"), conditioned="body")
 class EDSR(nn.Module):
     """head conv -> n_blocks residual blocks -> body conv + long skip -> sub-pixel upsampling -> output conv.
+
+    Its reconstruction head (what a site keeps with ``personal = "head"``) is the upsampling and the output conv;
+    ``condition = "acquisition"`` modulates the body's output before the long skip.
 
     With ``global_residual`` the network predicts a correction to the bicubic (2D) / trilinear (3D) upsampled
     input, and its last conv starts at zero, so the untrained model returns exactly that interpolation.

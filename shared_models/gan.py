@@ -28,7 +28,7 @@ from monai.networks.blocks import SubpixelUpsample
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from shared_models.registry import build_model, model_spec, register_model, unwrap
+from shared_models.registry import MODEL_OPTIONS, build_model, model_spec, register_model, unwrap
 from shared_models.resample import upsample_baseline
 from shared_models.settings import FamilyOptions, setting
 
@@ -55,6 +55,10 @@ _GENERATOR_PARAMS = (
     "spatial_dims", "in_channels", "scale", "n_blocks", "width", "growth", "dense_layers", "res_scale",
     "global_residual",
 )
+#: The generator's reconstruction head (``personal = "head"``): the upsampler, the HR conv and the output conv.
+GENERATOR_HEAD = ("upsample", "hr_conv", "tail")
+#: The generator's module whose output ``condition = "acquisition"`` modulates (the RRDB trunk, before the skip).
+GENERATOR_CONDITIONED = "body"
 
 
 @dataclass(frozen=True)
@@ -142,7 +146,7 @@ def _upsampler(width: int, scale: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-@register_model("rrdb", presets=RRDB_PRESETS)
+@register_model("rrdb", presets=RRDB_PRESETS, head=GENERATOR_HEAD, conditioned=GENERATOR_CONDITIONED)
 class RRDBGenerator(nn.Module):
     """ESRGAN-style generator (RRDB-lite), 2D.
 
@@ -255,7 +259,8 @@ def export_generator(model: nn.Module) -> nn.Module:
     """A standalone "rrdb" generator (a copy) with the pair's generator weights, for checkpoints and inference.
 
     ``save_checkpoint(path, export_generator(pair), scale=...)`` + ``load_checkpoint(path)`` rebuild it without
-    the discriminator. A model that already is an "rrdb" generator is copied as it is.
+    the discriminator. A model that already is an "rrdb" generator is copied as it is. The model options
+    (``personal``, ``condition``: :data:`shared_models.registry.MODEL_OPTIONS`) carry over, and with them the FiLM.
     """
     model = unwrap(model)
     spec = model_spec(model)
@@ -265,7 +270,8 @@ def export_generator(model: nn.Module) -> nn.Module:
         source = model.generator
     else:
         raise ValueError(f"export_generator needs a 'gan' or 'rrdb' model, got {spec['name']!r}")
-    generator = build_model("rrdb", **{k: spec["params"][k] for k in _GENERATOR_PARAMS})
+    params = spec["params"]
+    generator = build_model("rrdb", **{k: params[k] for k in (*_GENERATOR_PARAMS, *MODEL_OPTIONS) if k in params})
     generator.load_state_dict(source.state_dict())
     return generator.to(next(source.parameters()).device)
 
@@ -290,6 +296,8 @@ def _travelling_state(model: nn.Module, options: GanOptions | None) -> dict[str,
 @register_model(
     "gan", presets=GAN_PRESETS, options=GanOptions, task="client.tasks.gan:GanTask",
     shared_state=_travelling_state, export=export_generator,
+    head=tuple(GENERATOR_PREFIX + path for path in GENERATOR_HEAD),
+    conditioned=GENERATOR_PREFIX + GENERATOR_CONDITIONED,
 )
 class GANPair(nn.Module):
     """Generator + discriminator as one model: ``forward(x)`` = ``generator(x)``.

@@ -7,6 +7,12 @@ dataclass, namespaced ``name.option``), its local task at a site (``"module:Clas
 applied to a whole volume, which weights travel between the sites and the coordinator, and what a run exports.
 Generic code (server, evaluation, inference, CLI) asks the entry and never names a family.
 
+Two model options apply to every family that declares where (:data:`MODEL_OPTIONS`, from the run settings
+``personal`` and ``condition``): ``personal="head"`` keeps the family's reconstruction ``head`` at the sites (its
+weights never travel: ``shared_state`` leaves them out), ``condition="acquisition"`` modulates the output of its
+``conditioned`` module with the site's acquisition description (:mod:`shared_models.conditioning`). Both are part
+of the model's spec, so a checkpoint rebuilds them.
+
 The built-in families are imported on first use (:func:`families`). Other packages add families through the entry-point
 group ``fedsr.families`` (``[project.entry-points."fedsr.families"] name = "package.module"``): the module is imported,
 and its ``register_model`` calls register it, on the coordinator and at every site alike.
@@ -26,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from shared_models.conditioning import attach_conditioning
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -42,6 +50,9 @@ ENTRY_POINT_GROUP = "fedsr.families"
 DEFAULT_MODEL = "edsr"
 #: The local task of a family that names none: paired supervised SR (``client.tasks.supervised``).
 SUPERVISED_TASK = "client.tasks.supervised:SupervisedTask"
+#: Options every family takes in ``build_model`` besides its own hyperparameters (the run settings of the same
+#: names, ``shared_models.settings.PERSONAL`` / ``CONDITIONS``), with their "off" value; in a model's spec only when on.
+MODEL_OPTIONS = {"personal": "none", "condition": "none"}
 
 #: ``shared_state(model, options) -> {key: tensor}``: the weights that travel between a site and the coordinator.
 SharedState = Callable[[nn.Module, "FamilyOptions | None"], dict[str, torch.Tensor]]
@@ -73,6 +84,10 @@ class ModelFamily:
         shared_state: the weights that travel (default: all of them).
         export: the model a finished run delivers and scores (default: the trained model itself).
         apply: the family's own whole-volume inference; None = slice by slice (2D) or in tiles (3D).
+        head: the reconstruction head, as module paths (state_dict key prefixes, e.g. ``("upsample", "tail")``):
+            what stays at each site with ``personal = "head"``; empty = the family cannot be personalised.
+        conditioned: the module whose output (B, C, *spatial) is modulated with ``condition = "acquisition"``;
+            None = the family cannot be conditioned.
     """
 
     name: str
@@ -84,6 +99,8 @@ class ModelFamily:
     shared_state: SharedState = whole_state
     export: Callable[[nn.Module], nn.Module] = as_is
     apply: VolumeApply | None = None
+    head: tuple[str, ...] = ()
+    conditioned: str | None = None
 
 
 #: Every registered family by name, filled on first use (:func:`families`).
@@ -115,12 +132,15 @@ def register_model(
     shared_state: SharedState = whole_state,
     export: Callable[[nn.Module], nn.Module] = as_is,
     apply: VolumeApply | None = None,
+    head: tuple[str, ...] = (),
+    conditioned: str | None = None,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator registering a model class/factory as the family ``name`` (see :class:`ModelFamily`).
 
     Every constructor parameter must be keyword-capable with a plain default (bool/int/float/str/None), so a
-    model can be rebuilt from a checkpoint's stored hyperparameters alone. ``options.namespace`` must be
-    ``"name."``.
+    model can be rebuilt from a checkpoint's stored hyperparameters alone; none may be named like a
+    :data:`MODEL_OPTIONS` key. ``options.namespace`` must be ``"name."``. ``shared_state`` is kept as given, and
+    the entry's ``shared_state`` leaves a personal head out of it (:func:`personal_keys`).
     """
     if options is not None and options.namespace != f"{name}.":
         raise ValueError(f"{name}: options {options.__name__} must have namespace = {name + '.'!r}")
@@ -133,11 +153,15 @@ def register_model(
             if param.default is inspect.Parameter.empty or not isinstance(param.default, _PLAIN_TYPES):
                 raise TypeError(f"{name}: parameter {param.name!r} needs a plain default value")
             defaults[param.name] = param.default
+        taken = sorted(set(defaults) & set(MODEL_OPTIONS))
+        if taken:
+            raise TypeError(f"{name}: parameter(s) {', '.join(taken)} are model options every family takes; rename")
         for preset, values in (presets or {}).items():
             _check_known(name, values, defaults, what=f"preset {preset!r}")
         MODELS[name] = ModelFamily(
-            name, factory, defaults, dict(presets or {}), options=options, task=task, shared_state=shared_state,
-            export=export, apply=apply,
+            name, factory, defaults, dict(presets or {}), options=options, task=task,
+            shared_state=_without_personal(shared_state), export=export, apply=apply, head=tuple(head),
+            conditioned=conditioned,
         )
         return factory
 
@@ -156,13 +180,16 @@ def _check_known(name: str, params: Mapping[str, Any], defaults: Mapping[str, An
 
 
 def build_model(name: str, **params: PlainValue) -> nn.Module:
-    """Build a registered model; ``preset="tiny"|...`` supplies defaults that explicit ``params`` override.
+    """Build a registered model; ``preset="tiny"|...`` supplies defaults that explicit ``params`` override;
+    ``personal`` and ``condition`` (:data:`MODEL_OPTIONS`) personalise or condition it (module docstring).
 
-    The fully resolved hyperparameters (family defaults <- preset <- params) are stored on the module and
-    returned by :func:`model_spec`, so ``build_model(**model_spec(m))`` rebuilds the same architecture.
+    The fully resolved hyperparameters (family defaults <- preset <- params, plus the model options that are on)
+    are stored on the module and returned by :func:`model_spec`, so ``build_model(**model_spec(m))`` rebuilds the
+    same architecture. The family's own weights are drawn first: a conditioned model's are those of the blind one.
 
     Raises:
-        ValueError: unknown family, preset or parameter (the message lists the known ones).
+        ValueError: unknown family, preset, parameter or option value (the message lists the known ones), or an
+            option the family does not declare.
     """
     family = families().get(name)
     if family is None:
@@ -170,11 +197,74 @@ def build_model(name: str, **params: PlainValue) -> nn.Module:
     preset = params.pop("preset", None)
     if preset is not None and preset not in family.presets:
         raise ValueError(f"{name}: unknown preset {preset!r}; known presets: {', '.join(family.presets)}")
+    options = {key: params.pop(key, off) for key, off in MODEL_OPTIONS.items()}
+    problems = option_problems(name, **options)
+    if problems:
+        raise ValueError("; ".join(problems))
     _check_known(name, params, family.defaults, what="parameter(s)")
     resolved = {**family.defaults, **(family.presets[preset] if preset else {}), **params}
     model = family.factory(**resolved)
-    setattr(model, _SPEC_ATTR, {"name": name, "params": resolved})
+    if options["condition"] == "acquisition":
+        attach_conditioning(model, family.conditioned)
+    on = {key: value for key, value in options.items() if value != MODEL_OPTIONS[key]}
+    setattr(model, _SPEC_ATTR, {"name": name, "params": {**resolved, **on}})
     return model
+
+
+def option_problems(name: str, personal: str = "none", condition: str = "none") -> list[str]:
+    """Why the family ``name`` cannot be built with these model options (empty when it can, or when there is no
+    such family: :func:`model_problems` says so)."""
+    from shared_models.settings import CONDITIONS, PERSONAL  # settings imports this module
+
+    problems = [f"{key} must be one of {', '.join(choices)}, got {value!r}"
+                for key, value, choices in (("personal", personal, PERSONAL), ("condition", condition, CONDITIONS))
+                if value not in choices]
+    if problems or (personal, condition) == ("none", "none"):
+        return problems
+    found = families().get(name)
+    if found is not None and personal == "head" and not found.head:
+        problems.append(f"model {name!r} declares no reconstruction head (register_model(head=...)): it cannot "
+                        "run with personal = head")
+    if found is not None and condition == "acquisition" and found.conditioned is None:
+        problems.append(f"model {name!r} declares no feature map to condition (register_model(conditioned=...)): "
+                        "it cannot run with condition = acquisition")
+    return problems
+
+
+def personal_keys(model: nn.Module) -> frozenset[str]:
+    """The state_dict keys that stay at each site: the family's head when the model was built with
+    ``personal="head"``, none otherwise."""
+    model = unwrap(model)
+    spec = model_spec(model)
+    if spec["params"].get("personal", "none") == "none":
+        return frozenset()
+    prefixes = family(spec["name"]).head
+    return frozenset(k for k in model.state_dict() if any(k == p or k.startswith(p + ".") for p in prefixes))
+
+
+def load_shared_state(model: nn.Module, weights: Mapping[str, torch.Tensor], options: FamilyOptions | None) -> None:
+    """Load ``weights`` into ``model``: exactly the keys its family's ``shared_state`` sends with ``options`` (a
+    personal head and weights a family keeps at the sites are left as they are); shapes are checked.
+
+    Raises:
+        ValueError: keys missing or unexpected (the first few named).
+    """
+    expected = set(family_of(model).shared_state(model, options))
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise ValueError(f"weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    unwrap(model).load_state_dict(dict(weights), strict=False)
+
+
+def _without_personal(shared_state: SharedState) -> SharedState:
+    """``shared_state`` without the model's personal keys (:func:`personal_keys`)."""
+
+    @functools.wraps(shared_state)
+    def travelling(model: nn.Module, options: FamilyOptions | None = None) -> dict[str, torch.Tensor]:
+        personal = personal_keys(model)
+        return {k: v for k, v in shared_state(model, options).items() if k not in personal}
+
+    return travelling
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -247,11 +337,12 @@ def model_problems(name: str, preset: str, spatial_dims: int) -> list[str]:
 
 
 def build_from_settings(settings: SiteSettings) -> nn.Module:
-    """The model the run settings name (``model``, ``model-preset``, ``scale``, ``spatial-dims``), built the same
-    way by the coordinator and by every site. Seeded with ``settings.seed``: the initial weights are part of a
-    reproducible run."""
+    """The model the run settings name (``model``, ``model-preset``, ``scale``, ``spatial-dims``, and the model
+    options ``personal`` and ``condition``), built the same way by the coordinator and by every site. Seeded with
+    ``settings.seed``: the initial weights are part of a reproducible run."""
     found = family(settings.model)
     params: dict[str, PlainValue] = {"preset": settings.model_preset} if found.presets else {}
+    params.update({key: getattr(settings, key) for key in MODEL_OPTIONS})
     if "scale" in found.defaults:
         params["scale"] = settings.scale
     if "spatial_dims" in found.defaults:

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from shared_models.registry import DEFAULT_MODEL
+from shared_models.registry import DEFAULT_MODEL, option_problems
 
 #: ``dp`` choices: no differential privacy, DP-SGD at every site (client/privacy.py), or central DP on the
 #: sites' updates with Flower's DP strategy wrappers (server/central_dp.py).
@@ -238,6 +238,8 @@ class SiteSettings(Settings):
             )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.personal in PERSONAL and self.condition in CONDITIONS:  # else the choices' own problem is enough
+            problems += option_problems(self.model, self.personal, self.condition)
         return problems + self._inactive_dp_settings()
 
     def _inactive_dp_settings(self) -> list[str]:

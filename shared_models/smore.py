@@ -110,9 +110,13 @@ def _apply(model: nn.Module, volume: np.ndarray, *, device: torch.device | str, 
     return super_resolve_through_plane(model, volume, device=device, batch_size=batch_size)
 
 
-@register_model("smore", presets=SMORE_PRESETS, task="client.tasks.smore:SmoreTask", apply=_apply)
+@register_model("smore", presets=SMORE_PRESETS, task="client.tasks.smore:SmoreTask", apply=_apply,
+                head=("upsample", "tail"), conditioned="body")
 class SMORE(nn.Module):
     """EDSR-like network that restores the last axis: (B, 1, H, W) -> (B, 1, H, scale*W).
+
+    Its reconstruction head (``personal = "head"``) is the one-axis upsampler and the output conv;
+    ``condition = "acquisition"`` modulates the body's output before the long skip.
 
     head conv -> ``n_blocks`` residual blocks (``shared_models.edsr.ResidualBlock``, no normalisation: DP-SGD
     friendly) -> body conv + long skip -> one-axis sub-pixel upsampler (one stage of ``scale``) -> output conv.

@@ -28,9 +28,12 @@ def _conv(spatial_dims: int, in_channels: int, out_channels: int, kernel: int) -
     return Conv[Conv.CONV, spatial_dims](in_channels, out_channels, kernel_size=kernel, padding=kernel // 2)
 
 
-@register_model("srcnn", presets=SRCNN_PRESETS)
+@register_model("srcnn", presets=SRCNN_PRESETS, head=("reconstruct",), conditioned="mapping")
 class SRCNN(nn.Module):
     """interpolate x scale -> conv f1 (width1) + ReLU -> conv f2 (width2) + ReLU -> conv f3 (in_channels).
+
+    Its reconstruction head (``personal = "head"``) is the last conv; ``condition = "acquisition"`` modulates the
+    non-linear mapping's output (before its ReLU).
 
     Differences from the paper: "same" zero padding (the paper trains on valid convolutions, which shrink the
     output), so the output is exactly ``scale`` x the input; and, with ``global_residual`` (default, as EDSR

@@ -159,9 +159,13 @@ class ResidualSwinGroup(nn.Module):
         return x + self.conv(y).permute(0, 2, 3, 1)
 
 
-@register_model("swinir", presets=SWINIR_PRESETS)
+@register_model("swinir", presets=SWINIR_PRESETS, head=("upsample",), conditioned="conv_first")
 class SwinIR(nn.Module):
     """SwinIR-light: shallow conv -> residual Swin groups -> conv + long skip -> conv to C*s^2 + PixelShuffle.
+
+    Its reconstruction head (``personal = "head"``) is the upsampler (conv + PixelShuffle);
+    ``condition = "acquisition"`` modulates the shallow features (so the transformer groups and the long skip both
+    see the acquisition).
 
     Sizes that are not multiples of ``window_size`` are padded on the bottom/right by reflection (by replication
     when the image is smaller than the padding) and the output cropped back to ``scale`` x the input. With
