@@ -9,6 +9,10 @@ one option per setting that declares a ``flag``, with its help, default, type an
 ``--run-config "k=v ..."``, which takes any run-config key exactly as ``flwr run --run-config`` does. Explicit flags
 override the same keys in ``--run-config``; both override the declared defaults. ``--resume RUN_DIR`` continues a
 stopped run with the settings of its ``config.toml`` and takes no other setting.
+
+``--inject SITE:KIND`` (repeatable; ``simulation.inject``) corrupts one site's replies on purpose. It is no run
+setting: checked here, recorded in the run folder's ``injections.json`` and handed to the runner beside the run
+config, never in it. ``--resume`` goes on with the run's recorded faults.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ from server.settings import RunSettings
 from shared_models.losses import loss_from_spec
 from shared_models.registry import family_options_types
 from shared_models.settings import Declared, SiteSettings
+from simulation.inject import (
+    INJECTIONS_FILE, SYNTAX, Injection, assign, parse_injection, read_injections, write_injections,
+)
 from simulation.progress import MetricsFollower, print_run_end, round_line
 
 console = Console()
@@ -208,13 +215,18 @@ def simulate(ctx: typer.Context, **values: Any) -> None:
         _fail(f"fedsr simulate needs Flower's simulation engine (Ray), which is not installed: {SIMULATION_EXTRA}", 1)
     run_config = values.pop("run_config", None)
     resume = values.pop("resume_dir", None)
+    inject = values.pop("inject", None) or []
     given = {name: value for name, value in values.items() if _given(ctx, name)}
     try:  # every value is checked before anything is written or started
+        injections = [parse_injection(spec) for spec in inject]
         if resume is None:
             settings = settings_from_command_line(given, run_config)
         else:
             settings = resumed_settings(resume, given, run_config)
         run_dir = Path(settings.run_dir)
+        if settings.resume and inject:
+            raise ValueError(f"a resumed run goes on with the faults recorded in {run_dir / INJECTIONS_FILE} (if "
+                             "any); leave out --inject")
         if settings.resume:  # (also through --run-config) what would stop the ServerApp, said before anything starts
             check_resumed_config(run_dir, settings.to_config())
             completed_rounds(run_dir)
@@ -226,12 +238,19 @@ def simulate(ctx: typer.Context, **values: Any) -> None:
             console.print(f"[yellow]note:[/] --sites {given['num_sites']} ignored: {escape(str(sites_dir))} holds "
                           f"{len(folders)} sites", highlight=False)
         settings = settings.replace(num_sites=len(folders), sites_dir=str(sites_dir.resolve()))
+        by_site = assign(read_injections(run_dir) if settings.resume else injections, folders)  # names checked
+        faults = [fault for site_faults in by_site.values() for fault in site_faults]
     except (ValueError, FileNotFoundError) as error:
         _fail(str(error), 2)
     for folder in folders:
         print_site_report(console, check_site_folder(Path(folder)), brief=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    code = _follow(run_dir, settings)
+    if not settings.resume:
+        record_injections(run_dir, faults)
+    for fault in faults:
+        console.print(f"[yellow]warning:[/] fault injected at site {escape(fault.site)} ({escape(fault.spec)}): "
+                      f"{fault.effect}", highlight=False)
+    code = _follow(run_dir, settings, faults)
     summary_path = run_dir / "summary.json"
     if code == 0 and summary_path.exists():
         summary = json.loads(summary_path.read_text())
@@ -240,6 +259,15 @@ def simulate(ctx: typer.Context, **values: Any) -> None:
         print_run_end(console, run_dir, main_experiment(settings), summary)
         console.print(f"run folder: {run_dir}  ({summary['end_to_end_seconds']:.0f} s)", markup=False, highlight=False)
     raise typer.Exit(code)
+
+
+def record_injections(run_dir: Path, faults: list[Injection]) -> None:
+    """A new run's ``injections.json`` (:func:`simulation.inject.write_injections`), or, without faults, no such
+    file: one left by an earlier run in the same folder is removed."""
+    if faults:
+        write_injections(run_dir, faults)
+    else:
+        (run_dir / INJECTIONS_FILE).unlink(missing_ok=True)
 
 
 def _given(ctx: click.Context, name: str) -> bool:
@@ -265,6 +293,14 @@ def _declared_signature() -> inspect.Signature:
             "Continue the stopped run in RUN_DIR from its last completed round, with the settings of its "
             "config.toml (no other setting may be given). Its final weights are those of an uninterrupted run.")),
     ))
+    params.append(inspect.Parameter(
+        "inject", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[list[str]],
+        default=typer.Option(None, "--inject", metavar="SITE:KIND", rich_help_panel="Fault injection (simulation only)",
+                             help=escape(
+            f"Corrupt one site's replies on purpose (repeatable): {SYNTAX}. SITE: its site.toml name or folder. "
+            "nan: NaN weights and NaN psnr; scale:F: update x F; random: N(0,1) weights; examples:N: num-examples "
+            "N; drop[:R]: from round R on the site answers with an error. Recorded in RUN_DIR/injections.json.")),
+    ))
     return inspect.Signature(params)
 
 
@@ -278,8 +314,9 @@ def _fail(message: str, code: int) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _follow(run_dir: Path, settings: RunSettings) -> int:
-    """Run the federation in a child process; show progress from metrics.jsonl; Ctrl-C stops it cleanly.
+def _follow(run_dir: Path, settings: RunSettings, faults: list[Injection]) -> int:
+    """Run the federation in a child process, with the ``faults`` injected; show progress from metrics.jsonl;
+    Ctrl-C stops it cleanly.
 
     A resumed run keeps the record of its completed rounds (trimmed here as the ServerApp trims it, before the
     follower reads it) and appends to ``flower.log``."""
@@ -294,7 +331,8 @@ def _follow(run_dir: Path, settings: RunSettings) -> int:
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0")
     with log_path.open("a" if settings.resume else "w") as log_file:
         child = subprocess.Popen(
-            [sys.executable, "-m", "simulation.runner", json.dumps(settings.to_config())],
+            [sys.executable, "-m", "simulation.runner", json.dumps(settings.to_config()),
+             json.dumps([fault.spec for fault in faults])],
             stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

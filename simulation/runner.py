@@ -1,9 +1,12 @@
 """Runs one federation on Flower's simulation engine: the ClientApp and ServerApp composed, nothing added.
 
-Started by ``fedsr simulate`` as ``python -m simulation.runner RUN_CONFIG_JSON`` in a process of its own, so that
-Flower's and Ray's output goes to ``RUN_DIR/flower.log`` and Ctrl-C can stop the whole federation at once.
-The argument is the flat run config (``RunSettings.to_config()``) as JSON; each sub-folder of ``sites-dir`` is one
-simulated site. The ServerApp writes ``RUN_DIR/config.toml``, as under ``flwr run``.
+Started by ``fedsr simulate`` as ``python -m simulation.runner RUN_CONFIG_JSON [INJECTIONS_JSON]`` in a process of
+its own, so that Flower's and Ray's output goes to ``RUN_DIR/flower.log`` and Ctrl-C can stop the whole federation at
+once. The first argument is the flat run config (``RunSettings.to_config()``) as JSON; each sub-folder of
+``sites-dir`` is one simulated site. The ServerApp writes ``RUN_DIR/config.toml``, as under ``flwr run``. The
+second, optional, is a JSON list of ``--inject`` specs (``simulation.inject``): faults the ClientApp's
+:class:`~simulation.inject.InjectionMod` injects at the sites they name. They are kept apart from the run config
+on purpose: a fault is no run setting and must never reach a real deployment.
 
 Start-up is most of a short run's cost (Ray's processes, and every process importing torch, MONAI and Flower), so
 this module imports nothing heavy at the top: :func:`main` starts Ray first, with its workers preloading the site's
@@ -17,18 +20,23 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from client.data.files import site_folders
 
 if TYPE_CHECKING:
+    from flwr.clientapp.typing import Mod
+
     from server.settings import RunSettings
 
 #: What every Ray worker imports as it starts, before it is given a site: the ClientApp, the site's data and
 #: training stack (imported by the app only at its first message), MONAI (which the networks and metrics use) and
 #: torch._dynamo (which torch's optimisers import when the first one is built: about a second, once per process).
 WORKER_PRELOAD = "client.app,client.paired,monai,torch._dynamo"
+
+log = logging.getLogger(__name__)
 
 
 def site_processes(num_sites: int) -> int:
@@ -87,9 +95,12 @@ def _import_apps() -> tuple:
     return run_simulation, build_client_app, build_server_app, RunSettings
 
 
-def run(run_config: dict) -> None:
-    """Run the federation the flat ``run_config`` describes (``sites-dir`` and ``run-dir`` set)."""
+def run(run_config: dict, injections: Sequence[str] = (), mods: Sequence[Mod] = ()) -> None:
+    """Run the federation the flat ``run_config`` describes (``sites-dir`` and ``run-dir`` set), with the faults
+    ``injections`` (``--inject`` specs) injected at their sites; each is logged at WARNING first. ``mods``: more
+    ClientApp mods around the injection (a benchmark's measuring mod: it sees what leaves the site)."""
     sites = site_folders(str(run_config["sites-dir"]))
+    mods = [*mods, *injection_mods(injections, sites)]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="import-apps") as pool:
         imports = pool.submit(_import_apps)
         start_ray(len(sites), str(run_config.get("device", "auto")))
@@ -97,10 +108,28 @@ def run(run_config: dict) -> None:
     settings = settings_type.from_run_config(run_config).replace(num_sites=len(sites))
     run_simulation(
         server_app=build_server_app(settings),
-        client_app=build_client_app(sites),
+        client_app=build_client_app(sites, mods=mods),
         num_supernodes=len(sites),
         backend_config={"client_resources": client_resources(settings, len(sites))},
     )
+
+
+def injection_mods(injections: Sequence[str], sites: Sequence[str]) -> list[Mod]:
+    """The ClientApp mods that inject the faults ``injections`` (``--inject`` specs) at the simulated ``sites``
+    (folders by partition id), each fault logged at WARNING; none without faults (``simulation.inject``, which
+    imports Flower, is then not imported before Ray starts).
+
+    Raises:
+        ValueError: a bad spec, or a site that is not among ``sites`` (``simulation.inject.assign``).
+    """
+    if not injections:
+        return []
+    from simulation.inject import InjectionMod, assign, parse_injection
+
+    faults = assign([parse_injection(spec) for spec in injections], sites)
+    for fault in (fault for site_faults in faults.values() for fault in site_faults):
+        log.warning("fault injected at site %s (%s): %s", fault.site, fault.spec, fault.effect)
+    return [InjectionMod(faults)]
 
 
 def _stop_on_sigterm(_signum: int, _frame: object) -> None:
@@ -113,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("flwr").propagate = False  # Flower prints its own lines; do not log them twice
     logging.getLogger("alembic").setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    run(json.loads(args[0]))
+    run(json.loads(args[0]), json.loads(args[1]) if len(args) > 1 else ())
     return 0
 
 
