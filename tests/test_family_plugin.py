@@ -107,7 +107,7 @@ GENERIC = [
     "server", "client/app.py", "client/cli.py", "client/evaluation.py", "client/pairs.py", "client/paired.py",
     "client/sites_report.py", "client/training.py", "client/tasks/__init__.py", "client/tasks/base.py", "client/tasks/supervised.py",
     "shared_models/inference.py", "shared_models/checkpoint.py", "shared_models/catalog.py",
-    "shared_models/settings.py", "shared_models/cli.py", "simulation",
+    "shared_models/settings.py", "shared_models/cli.py", "simulation", "client/inference",
 ]
 
 
