@@ -54,7 +54,38 @@ def site_name(msg: Message) -> str:
     return str(site_about(msg).get("name", f"node-{msg.metadata.src_node_id}"))
 
 
-class SiteGrid(Grid):
+class GridView(Grid):
+    """A grid that passes everything on to the ``grid`` it wraps; a subclass narrows what Flower's strategies
+    sample among (``get_node_ids``) or adds to how messages go out."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+
+    @property
+    def run(self):  # type: ignore[override]
+        return self._grid.run
+
+    def set_run(self, run) -> None:  # type: ignore[override]
+        self._grid.set_run(run)
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._grid.get_node_ids())
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+class SiteGrid(GridView):
     """A view of Flower's grid for one part of a run: only ``sites`` are visible, every message sent is logged.
 
     Flower's strategies sample among ``get_node_ids()``, so a federation run through a view of the other sites
@@ -62,7 +93,7 @@ class SiteGrid(Grid):
     """
 
     def __init__(self, grid: Grid, sites: Iterable[SiteInfo], part: str, log_path: Path) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self.sites = {site.node_id: site for site in sites}
         self.part = part
         self._log_path = log_path
@@ -88,17 +119,6 @@ class SiteGrid(Grid):
         raise KeyError(name)
 
     # --------------------------------------------------------------------------------------- Grid interface
-    @property
-    def run(self):  # type: ignore[override]
-        return self._grid.run
-
-    def set_run(self, run) -> None:  # type: ignore[override]
-        self._grid.set_run(run)
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
     def get_node_ids(self) -> list[int]:
         connected = set(self._grid.get_node_ids())
         return [node for node in self.sites if node in connected]
@@ -107,9 +127,6 @@ class SiteGrid(Grid):
         messages = list(messages)
         self._record(messages)
         return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push ``messages`` and pull their replies until all are in or ``timeout`` seconds have passed (None:

@@ -25,14 +25,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
 
 from server.central_dp import with_central_dp
 from server.run_log import RunRecorder
 from server.settings import RunSettings
-from server.sites import FederationError, SiteGrid, SiteInfo, site_about, site_name
+from server.sites import FederationError, GridView, SiteGrid, SiteInfo, site_about, site_name
 from server.strategy_state import lasting_state, plain_state, restore_state, state_from_plain
 from server.updates import (
     Rejection, ReplyRules, all_finite, evaluate_rejection, norm_rejections, train_rejection, update_distances,
@@ -187,38 +186,18 @@ class SiteSampler:
         return sorted(connected, key=lambda node: grid.sites[node].name)
 
 
-class SampledSites(Grid):
+class SampledSites(GridView):
     """What the inner Flower strategy sees of a round: exactly the sites :class:`SiteSampler` picked, all of them
     "connected", so that Flower's own sampling takes every one at once (a site that went away since is answered
     for by the SuperLink with an error reply). Flower's strategies only sample with it; anything else goes to the
     run's grid."""
 
     def __init__(self, grid: SiteGrid, nodes: Sequence[int]) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self._nodes = list(nodes)
-
-    @property
-    def run(self):  # type: ignore[override]
-        return self._grid.run
-
-    def set_run(self, run) -> None:  # type: ignore[override]
-        self._grid.set_run(run)
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> list[int]:
         return list(self._nodes)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self._grid.send_and_receive(messages, timeout=timeout)
 
 
 class SiteStrategy(Strategy):
