@@ -25,6 +25,7 @@ import statistics
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from client.data.files import list_scan_files
 from client.data.nifti import is_nifti
@@ -72,10 +73,11 @@ def profile_description(profile: AcquisitionProfile, scanner: str = "") -> dict[
 
 @functools.cache
 def dicom_description(site_dir: str) -> dict[str, float]:
-    """What the DICOM headers of the site's files say (only the fields found); read once per process."""
+    """What the DICOM headers of the site's files say (only the fields found; :func:`header_description` per file,
+    the median of each number and the most common kernel); read once per process."""
     import pydicom  # the site's stack: imported on use, as the readers are
 
-    fields, kernels = {"field_strength_t": [], "slice_thickness_mm": []}, Counter()
+    found: dict[str, list[float]] = {}
     files = [path for path in list_scan_files(Path(site_dir)) if not is_nifti(path.name)]
     for path in files[:MAX_HEADERS]:
         try:
@@ -85,18 +87,30 @@ def dicom_description(site_dir: str) -> dict[str, float]:
                                      specific_tags=["MagneticFieldStrength", "SliceThickness", "ConvolutionKernel"])
         except Exception:  # a corrupt file may raise anything: the reader reports it, here it has no header
             continue
-        for field, keyword in (("field_strength_t", "MagneticFieldStrength"), ("slice_thickness_mm", "SliceThickness")):
-            value = _number(ds.get(keyword))
-            if value is not None:
-                fields[field].append(value)
-        kernel = ds.get("ConvolutionKernel")
-        if kernel:
-            kernels[str(kernel if isinstance(kernel, str) else kernel[0])] += 1  # multi-valued: the first
-    found = {field: statistics.median(values) for field, values in fields.items() if values}
-    if kernels:
-        sharpness = kernel_sharpness(kernels.most_common(1)[0][0])
-        if sharpness is not None:
-            found["kernel_sharpness"] = sharpness
+        for field, value in header_description(ds).items():
+            found.setdefault(field, []).append(value)
+    described = {field: statistics.median(values) for field, values in found.items() if field != "kernel_sharpness"}
+    if found.get("kernel_sharpness"):
+        described["kernel_sharpness"] = Counter(found["kernel_sharpness"]).most_common(1)[0][0]
+    return described
+
+
+def header_description(header: Any) -> dict[str, float]:
+    """What one DICOM header (a pydicom ``Dataset``, or None) says of the acquisition: ``field_strength_t``
+    (MagneticFieldStrength, T), ``slice_thickness_mm`` (SliceThickness) and ``kernel_sharpness``
+    (ConvolutionKernel, its first value, :func:`kernel_sharpness`); only the fields present with a value > 0 (a
+    kernel: one it can read)."""
+    if header is None:
+        return {}
+    found = {}
+    for field, keyword in (("field_strength_t", "MagneticFieldStrength"), ("slice_thickness_mm", "SliceThickness")):
+        value = _number(header.get(keyword))
+        if value is not None:
+            found[field] = value
+    kernel = header.get("ConvolutionKernel")
+    sharpness = kernel_sharpness(str(kernel if isinstance(kernel, str) else kernel[0])) if kernel else None
+    if sharpness is not None:
+        found["kernel_sharpness"] = sharpness
     return found
 
 

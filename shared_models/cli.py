@@ -11,6 +11,7 @@ help. A part's module is imported when one of its commands runs, never to list t
 - ``fedsr privacy show|reset SITE_DIR``: ``client.cli``, a hospital's; ``pip install fedsr``.
 - ``fedsr report RUN_DIR``: ``server.cli``, the coordinator's; ``pip install fedsr``.
 - ``fedsr deploy ...``: ``deploy.cli``, a real federation (credentials, SuperLink, SuperNodes); ``pip install fedsr``.
+- ``fedsr infer MODEL INPUT OUTPUT``: ``client.inference.cli``, a trained model applied to scans; ``pip install fedsr``.
 
 Adding a command is one line in :data:`COMMANDS` or :data:`SITES_COMMANDS` plus the command in its part's module
 (a ``typer.Typer`` with that one command, or a ``click.Command``). Entry point: ``fedsr = "shared_models.cli:main"``;
@@ -52,6 +53,8 @@ COMMANDS: dict[str, Lazy] = {
                     "A site's privacy ledger: the epsilon it has spent (show), and its logged reset."),
     "deploy": Lazy("deploy.cli:deploy_app",
                    "Run a real federation: credentials, SuperLink, registered SuperNodes (Flower)."),
+    "infer": Lazy("client.inference.cli:infer_app",
+                  "Super-resolve a scan or a folder of scans with a trained model (NIfTI or DICOM, in patient space)."),
 }
 
 #: Commands under ``fedsr sites``.

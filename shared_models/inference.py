@@ -8,12 +8,19 @@ the centre weight there, "constant" mode all of it. With an untrained 3D residua
 40x36x28 volume, 32^3 windows, overlap 0.25, Gaussian mode, it differs from the untiled forward by up to 0.25;
 the loop here agrees to 1e-7. It gives each tile a weight that is zero next to the borders it shares with other
 tiles, rises smoothly across the rest of the overlap, and stays 1 on the volume's own borders.
+
+Large scans: :func:`iter_super_resolve` hands the output out in slabs along Z as they are finished (slice batches
+for 2D models; for 3D models each row of tiles along Z, the finished slices before the next row starts), so a
+writer can store them as they come and only a slab of the output is ever held; :func:`plan_inference` sizes the
+slice batches and tiles from the memory free on the device.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, overload
 
 import numpy as np
@@ -25,6 +32,33 @@ from shared_models.registry import family_of, model_spec
 
 TILE = 32  # LR voxels per tile side (3D)
 OVERLAP = 8  # LR voxels shared by neighbouring tiles
+#: Largest slice batch and tile batch a plan picks (more gives no speed on a CPU and little on a GPU).
+MAX_BATCH = 64
+MAX_TILE_BATCH = 8
+#: Tile sides a plan picks from (LR voxels); the smallest is taken when even it does not fit the budget.
+TILE_SIDES = (96, 80, 64, 48, 32, 24, 16)
+#: Share of the free memory a plan uses: the rest of a GPU is this process's own, a CPU's is shared with the
+#: machine (and the scan, its normalised copy and the output slab live beside the activations).
+GPU_SHARE = 0.5
+CPU_SHARE = 0.25
+CPU_BUDGET_CAP = 1 << 30  # bytes
+#: Activations alive at once in a forward pass, in units of the largest one (a layer's input, its output and a
+#: residual branch's skip).
+LIVE_ACTIVATIONS = 3
+
+
+@dataclass(frozen=True)
+class InferencePlan:
+    """How a scan is cut into forward passes.
+
+    ``batch_size``: 2D slices (or a family's planes) per pass. ``tile``, ``overlap``: 3D tile side and the overlap
+    of neighbouring tiles, in LR voxels. ``tile_batch_size``: 3D tiles per pass.
+    """
+
+    batch_size: int = 16
+    tile: int = TILE
+    overlap: int = OVERLAP
+    tile_batch_size: int = 2
 
 
 def _family_apply(model: nn.Module):
@@ -100,26 +134,158 @@ def super_resolve_voxels(
         defaults to all s*Z output slices, i.e. (s*X, s*Y, s*Z). Clamped to [0, 1]; the model stays in eval mode.
     """
     model.eval().to(device)
-    if lr_volume.ndim != 3:
-        raise ValueError(f"lr_volume must be (X, Y, Z), got shape {lr_volume.shape}")
+    _check_volume(lr_volume)
+    plan = InferencePlan(batch_size, tile, overlap, tile_batch_size)
     apply = _family_apply(model)
     if apply is not None:  # e.g. a one-axis family restoring Z only
         out = apply(model, lr_volume, device=device, batch_size=batch_size)
         return out if slices is None else out[:, :, np.asarray(slices)]
     if model_spatial_dims(model) == 3:
         volume = torch.from_numpy(np.ascontiguousarray(lr_volume, dtype=np.float32))[None, None]
-        out = _tiled(
-            model, volume, tile=tile, overlap=overlap, tile_batch_size=tile_batch_size, device=device,
-            out_z=None if slices is None else np.asarray(slices, dtype=np.int64),
-        )
-        return out[0, 0].clamp_(0.0, 1.0).numpy()
+        if slices is None:
+            return _joined(_tiled_slabs(model, volume, plan, device))[0, 0].clamp_(0.0, 1.0).numpy()
+        wanted = np.asarray(slices, dtype=np.int64)
+        n_z = _scale_of(model, volume, device) * lr_volume.shape[2]
+        if len(wanted) and (wanted.min() < 0 or wanted.max() >= n_z):
+            raise ValueError(f"slices must lie in [0, {n_z}) for this 3D model, got {wanted.min()}..{wanted.max()}")
+        need = np.zeros(n_z, dtype=bool)
+        need[wanted] = True
+        picked = {}  # output z -> its (sX, sY) slice; only needed slices are complete (see _tiled_slabs)
+        for z0, slab in _tiled_slabs(model, volume, plan, device, need=need):
+            picked.update((z0 + k, slab[0, 0, :, :, k]) for k in np.flatnonzero(need[z0 : z0 + slab.shape[-1]]))
+        scale = n_z // lr_volume.shape[2]
+        out = np.zeros((scale * lr_volume.shape[0], scale * lr_volume.shape[1], len(wanted)), dtype=np.float32)
+        for k, z in enumerate(wanted):
+            out[:, :, k] = picked[z].clamp(0.0, 1.0).numpy()
+        return out
     index = np.arange(lr_volume.shape[2]) if slices is None else np.asarray(slices)
-    outputs = []
-    for start in range(0, len(index), batch_size):
-        chunk = np.moveaxis(lr_volume[:, :, index[start : start + batch_size]], 2, 0)[:, None]
-        batch = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32)).to(device)
-        outputs.append(model(batch).clamp_(0.0, 1.0)[:, 0].cpu())
-    return np.moveaxis(torch.cat(outputs).numpy(), 0, 2)
+    return np.concatenate([block for _, block in _slice_batches(model, lr_volume, index, plan.batch_size, device)],
+                          axis=2)
+
+
+def iter_super_resolve(
+    model: nn.Module,
+    lr_volume: np.ndarray,
+    *,
+    device: torch.device | str = "cpu",
+    plan: InferencePlan | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """The output of :func:`super_resolve_voxels` slab by slab along Z, each as soon as it is finished.
+
+    Yields ``(z0, block)``: float32 (X', Y', n) clamped to [0, 1], output slices ``z0 .. z0 + n - 1``, in order and
+    covering the whole output (of shape :func:`sr_factors` x the input's). A 2D model yields each batch of slices;
+    a 3D model each row of tiles along Z (the slices no later tile reaches), so only that slab of the output and
+    one batch of tiles are in memory; a family's own whole-volume inference (e.g. through-plane) runs whole and
+    yields once. ``plan``: batch and tile sizes (default: :func:`plan_inference` for this volume and device).
+    The model is put in eval mode on ``device``.
+    """
+    _check_volume(lr_volume)
+    model.eval().to(device)
+    plan = plan_inference(model, lr_volume.shape, device=device) if plan is None else plan
+    apply = _family_apply(model)
+    if apply is not None:
+        with torch.no_grad():
+            whole = apply(model, lr_volume, device=device, batch_size=plan.batch_size)
+        yield 0, whole
+    elif model_spatial_dims(model) == 3:
+        volume = torch.from_numpy(np.ascontiguousarray(lr_volume, dtype=np.float32))[None, None]
+        for z0, slab in _tiled_slabs(model, volume, plan, device):
+            yield z0, slab[0, 0].clamp_(0.0, 1.0).numpy()
+    else:
+        yield from _slice_batches(model, lr_volume, np.arange(lr_volume.shape[2]), plan.batch_size, device)
+
+
+def sr_factors(model: nn.Module, device: torch.device | str = "cpu") -> tuple[int, int, int]:
+    """How many output voxels the model makes of one input voxel along X, Y and Z, e.g. (2, 2, 1) for in-plane
+    SR, (1, 1, 2) for through-plane, (2, 2, 2) for a 3D model: measured on a small zero volume by the same path
+    :func:`super_resolve_voxels` takes (so it also holds for a family's own inference)."""
+    probe = np.zeros((16, 16, 8), dtype=np.float32)
+    out = super_resolve_voxels(model, probe, device=device)
+    factors = tuple(o / n for o, n in zip(out.shape, probe.shape))
+    if not all(float(f).is_integer() and f >= 1 for f in factors):
+        raise ValueError(f"the model maps {probe.shape} to {out.shape}: not an integer factor per axis")
+    return tuple(int(f) for f in factors)  # type: ignore[return-value]
+
+
+def memory_budget(device: torch.device | str) -> int:
+    """Bytes a plan may spend on activations: :data:`GPU_SHARE` of the GPU's free memory, or :data:`CPU_SHARE` of
+    the machine's available memory capped at :data:`CPU_BUDGET_CAP`."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * GPU_SHARE)
+    return int(min(_available_ram() * CPU_SHARE, CPU_BUDGET_CAP))
+
+
+def _available_ram() -> int:
+    """The kernel's estimate of memory available without swapping (``MemAvailable``), in bytes. Read from
+    /proc/meminfo (psutil, which does the same, is not a dependency); elsewhere the free pages."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+@torch.no_grad()
+def activation_bytes_per_voxel(model: nn.Module, spatial_dims: int, device: torch.device | str = "cpu") -> float:
+    """Estimated bytes a forward pass holds per input voxel: float32 input, output and :data:`LIVE_ACTIVATIONS`
+    times the largest activation any module returns, measured on a small probe (8^3 or 16^2 voxels) with
+    forward hooks. Convolutional and windowed-attention networks scale linearly with the input's voxels."""
+    probe = torch.zeros((1, 1, *((8,) * 3 if spatial_dims == 3 else (16, 16))), device=device)
+    largest = 0
+
+    def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        nonlocal largest
+        if isinstance(output, torch.Tensor):
+            largest = max(largest, output.numel())
+
+    handles = [module.register_forward_hook(record) for module in model.modules()]
+    try:
+        out = model.eval().to(device)(probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return 4.0 * (LIVE_ACTIVATIONS * largest + out.numel() + probe.numel()) / probe.numel()
+
+
+def plan_inference(
+    model: nn.Module,
+    shape: tuple[int, int, int],
+    *,
+    device: torch.device | str = "cpu",
+    memory_bytes: int | None = None,
+    batch_size: int | None = None,
+    tile: int | None = None,
+    overlap: int = OVERLAP,
+) -> InferencePlan:
+    """Batch and tile sizes for a scan of ``shape`` (X, Y, Z) that fit ``memory_bytes`` (default:
+    :func:`memory_budget`). Sizes given are kept; the others are chosen.
+
+    2D models (and a family's own inference, whose planes are at most max(X, Y) x Z): as many slices per pass as
+    the budget holds at :func:`activation_bytes_per_voxel`, 1 to :data:`MAX_BATCH`. 3D models: the largest of
+    :data:`TILE_SIDES` whose tile activations plus the output slab it makes (s^3 X Y tile float32 values) fit,
+    then as many tiles per pass as the rest holds (``batch_size``, if given, is the tiles per pass).
+    """
+    budget = memory_budget(device) if memory_bytes is None else int(memory_bytes)
+    x, y, z = shape
+    apply = _family_apply(model)
+    if apply is not None or model_spatial_dims(model) != 3:
+        per_voxel = activation_bytes_per_voxel(model, 2, device)
+        plane, count = (x * y, z) if apply is None else (max(x, y) * z, x + y)  # voxels per pass item, items
+        chosen = batch_size or int(np.clip(budget // max(per_voxel * plane, 1.0), 1, min(MAX_BATCH, count)))
+        return InferencePlan(batch_size=chosen, overlap=overlap)
+    per_voxel = activation_bytes_per_voxel(model, 3, device)
+    scale = _scale_of(model, torch.zeros(1, 1, 8, 8, 8), device)
+    slab_per_side = 4.0 * scale**3 * x * y  # bytes of output slab per LR voxel of tile side
+    fits = [t for t in TILE_SIDES if t > overlap and per_voxel * t**3 + slab_per_side * t <= budget]
+    side = tile or (fits[0] if fits else min(t for t in TILE_SIDES if t > overlap))
+    spare = budget - slab_per_side * side
+    tiles = batch_size or int(np.clip(spare // max(per_voxel * side**3, 1.0), 1, MAX_TILE_BATCH))
+    return InferencePlan(tile=side, overlap=overlap, tile_batch_size=tiles)
 
 
 @torch.no_grad()
@@ -147,8 +313,29 @@ def tiled_forward(
         raise ValueError(f"tiled_forward expects (B, C, D, H, W), got shape {tuple(lr.shape)}")
     if device is None:
         device = next(iter(model.parameters()), torch.empty(0)).device
-    return _tiled(model, lr.float().cpu(), tile=tile, overlap=overlap, tile_batch_size=tile_batch_size,
-                  device=device, out_z=None)
+    plan = InferencePlan(tile=tile, overlap=overlap, tile_batch_size=tile_batch_size)
+    return _joined(_tiled_slabs(model, lr.float().cpu(), plan, device))
+
+
+def _check_volume(lr_volume: np.ndarray) -> None:
+    if lr_volume.ndim != 3:
+        raise ValueError(f"lr_volume must be (X, Y, Z), got shape {lr_volume.shape}")
+
+
+def _joined(slabs: Iterator[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """The slabs of :func:`_tiled_slabs` as one (B, C, X', Y', Z') tensor."""
+    return torch.cat([slab for _, slab in slabs], dim=-1)
+
+
+@torch.no_grad()
+def _slice_batches(
+    model: nn.Module, lr_volume: np.ndarray, index: np.ndarray, batch_size: int, device: torch.device | str
+) -> Iterator[tuple[int, np.ndarray]]:
+    """2D model, slice by slice: ``(position in index, float32 (sX, sY, n) clamped)`` per batch of ``index``."""
+    for start in range(0, len(index), batch_size):
+        chunk = np.moveaxis(lr_volume[:, :, index[start : start + batch_size]], 2, 0)[:, None]
+        batch = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32)).to(device)
+        yield start, np.moveaxis(model(batch).clamp_(0.0, 1.0)[:, 0].cpu().numpy(), 0, 2)
 
 
 def _tile_starts(length: int, tile: int, overlap: int) -> tuple[list[int], int]:
@@ -180,17 +367,22 @@ def _axis_weight(start: int, size: int, length: int, scale: int, overlap: int) -
     return weight.float()
 
 
-def _tiled(
+@torch.no_grad()
+def _tiled_slabs(
     model: nn.Module,
     lr: torch.Tensor,
-    *,
-    tile: int,
-    overlap: int,
-    tile_batch_size: int,
+    plan: InferencePlan,
     device: torch.device | str,
-    out_z: np.ndarray | None,
-) -> torch.Tensor:
-    """(B, C, D, H, W) CPU float32 -> (B, C, sD, sH, len(out_z) or sW) CPU float32, blended (not clamped)."""
+    *,
+    need: np.ndarray | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(B, C, D, H, W) CPU float32 -> ``(z0, slab)``: blended (not clamped) float32 (B, C, sD, sH, n) output
+    slices ``z0 ..``, in order, one slab per row of tiles along W (the slices no later row reaches).
+
+    ``need``: (sW,) bool, the output slices wanted (default: all); a row of tiles feeding none of them is not
+    computed, so slices outside ``need`` may come out incomplete.
+    """
+    tile, overlap, tile_batch_size = plan.tile, plan.overlap, plan.tile_batch_size
     if tile < 1 or not 0 <= overlap < tile or tile_batch_size < 1:
         raise ValueError(
             f"need tile >= 1, 0 <= overlap < tile, tile_batch_size >= 1; got {tile}, {overlap}, {tile_batch_size}"
@@ -198,58 +390,55 @@ def _tiled(
     spatial = tuple(lr.shape[2:])
     axes = [_tile_starts(n, tile, overlap) for n in spatial]
     sizes = tuple(size for _, size in axes)
-    scale = _scale_of(model, lr, sizes, device)
-
-    # output z slices: accumulate the distinct ones in order, then gather (slices may be unsorted or repeat)
+    scale = _scale_of(model, lr, device)
     n_z = scale * spatial[2]
-    wanted = np.arange(n_z) if out_z is None else np.asarray(out_z, dtype=np.int64)
-    if len(wanted) and (wanted.min() < 0 or wanted.max() >= n_z):
-        raise ValueError(f"slices must lie in [0, {n_z}) for this 3D model, got {wanted.min()}..{wanted.max()}")
-    distinct, gather = np.unique(wanted, return_inverse=True)
-    position = np.full(n_z, -1)
-    position[distinct] = np.arange(len(distinct))
+    need = np.ones(n_z, dtype=bool) if need is None else need
 
     weights = [
         {s: _axis_weight(s, size, n, scale, overlap) for s in starts} for (starts, size), n in zip(axes, spatial)
     ]
-    out = torch.zeros(*lr.shape[:2], scale * spatial[0], scale * spatial[1], len(distinct))
     total = [torch.zeros(scale * n) for n in spatial]  # the tiles form a grid: summed weight = outer product
     for axis, (starts, size) in enumerate(axes):
         for s in starts:
             total[axis][scale * s : scale * (s + size)] += weights[axis][s]
+    in_plane = total[0][:, None, None] * total[1][None, :, None]
 
-    boxes = []
-    for z0 in axes[2][0]:
-        keep = np.flatnonzero(position[scale * z0 : scale * (z0 + sizes[2])] >= 0)
-        if len(keep):  # tiles feeding no requested output slice are skipped
-            boxes += [((x0, y0, z0), keep) for x0 in axes[0][0] for y0 in axes[1][0]]
-    b = lr.shape[0]
-    for first in range(0, len(boxes), tile_batch_size):
-        chunk = boxes[first : first + tile_batch_size]
-        batch = torch.cat(
-            [lr[(slice(None), slice(None), *(slice(s, s + n) for s, n in zip(box, sizes)))] for box, _ in chunk]
-        )
-        pred = model(batch.to(device)).float().cpu()
-        if pred.shape[2:] != tuple(scale * n for n in sizes):
-            raise ValueError(f"model output {tuple(pred.shape)} is not {scale} x the tile {sizes}")
-        for i, ((x0, y0, z0), keep) in enumerate(chunk):
-            wx, wy, wz = weights[0][x0], weights[1][y0], weights[2][z0][keep]
-            weighted = pred[i * b : (i + 1) * b][..., keep] * (wx[:, None, None] * wy[None, :, None] * wz)
-            region = out[:, :, scale * x0 : scale * (x0 + sizes[0]), scale * y0 : scale * (y0 + sizes[1])]
-            region.index_add_(4, torch.from_numpy(position[scale * z0 + keep]), weighted)
-    wz_total = total[2][torch.from_numpy(distinct)]
-    out /= total[0][:, None, None] * total[1][None, :, None] * wz_total[None, None, :]
-    return out if out_z is None else out[..., torch.from_numpy(gather)]
+    b, z_starts = lr.shape[0], axes[2][0]
+    slab = torch.zeros(*lr.shape[:2], scale * spatial[0], scale * spatial[1], 0)
+    slab_z0 = 0  # output z of the slab's first slice: everything before it has been handed out
+    for row, z0 in enumerate(z_starts):
+        lo, hi = scale * z0, scale * (z0 + sizes[2])
+        if hi > slab_z0 + slab.shape[-1]:
+            slab = torch.cat([slab, slab.new_zeros(*slab.shape[:-1], hi - slab_z0 - slab.shape[-1])], dim=-1)
+        if need[lo:hi].any():
+            boxes = [(x0, y0) for x0 in axes[0][0] for y0 in axes[1][0]]
+            for first in range(0, len(boxes), tile_batch_size):
+                chunk = boxes[first : first + tile_batch_size]
+                batch = torch.cat([
+                    lr[:, :, x0 : x0 + sizes[0], y0 : y0 + sizes[1], z0 : z0 + sizes[2]] for x0, y0 in chunk
+                ])
+                pred = model(batch.to(device)).float().cpu()
+                if pred.shape[2:] != tuple(scale * n for n in sizes):
+                    raise ValueError(f"model output {tuple(pred.shape)} is not {scale} x the tile {sizes}")
+                for i, (x0, y0) in enumerate(chunk):
+                    wx, wy, wz = weights[0][x0], weights[1][y0], weights[2][z0]
+                    region = slab[:, :, scale * x0 : scale * (x0 + sizes[0]), scale * y0 : scale * (y0 + sizes[1]),
+                                  lo - slab_z0 : hi - slab_z0]
+                    region += pred[i * b : (i + 1) * b] * (wx[:, None, None] * wy[None, :, None] * wz)
+        end = scale * z_starts[row + 1] if row + 1 < len(z_starts) else n_z
+        done = slab[..., : end - slab_z0] / (in_plane * total[2][slab_z0:end])
+        yield slab_z0, done
+        slab, slab_z0 = slab[..., end - slab_z0 :], end
 
 
-def _scale_of(model: nn.Module, lr: torch.Tensor, sizes: tuple[int, ...], device: torch.device | str) -> int:
-    """The model's SR factor: its spec's ``scale``, else measured on one (small) tile."""
+def _scale_of(model: nn.Module, lr: torch.Tensor, device: torch.device | str) -> int:
+    """A 3D model's SR factor: its spec's ``scale``, else measured on a small corner of ``lr`` (B, C, D, H, W)."""
     try:
         scale = model_spec(model)["params"].get("scale")
     except (ValueError, AttributeError):
         scale = None
     if scale is None:
-        probe = lr[:1, :, : min(sizes[0], 8), : min(sizes[1], 8), : min(sizes[2], 8)]
+        probe = lr[:1, :, :8, :8, :8]
         shape = model(probe.to(device)).shape[2:]
         ratios = {o / n for o, n in zip(shape, probe.shape[2:])}
         if len(ratios) != 1 or not float(next(iter(ratios))).is_integer():
