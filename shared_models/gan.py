@@ -297,7 +297,7 @@ def _travelling_state(model: nn.Module, options: GanOptions | None) -> dict[str,
     "gan", presets=GAN_PRESETS, options=GanOptions, task="client.tasks.gan:GanTask",
     shared_state=_travelling_state, export=export_generator,
     head=tuple(GENERATOR_PREFIX + path for path in GENERATOR_HEAD),
-    conditioned=GENERATOR_PREFIX + GENERATOR_CONDITIONED,
+    conditioned=GENERATOR_PREFIX + GENERATOR_CONDITIONED, train_metrics=("d-loss", "g-adv-loss"),
 )
 class GANPair(nn.Module):
     """Generator + discriminator as one model: ``forward(x)`` = ``generator(x)``.

@@ -88,6 +88,8 @@ class ModelFamily:
             what stays at each site with ``personal = "head"``; empty = the family cannot be personalised.
         conditioned: the module whose output (B, C, *spatial) is modulated with ``condition = "acquisition"``;
             None = the family cannot be conditioned.
+        train_metrics: the metric keys its task adds to every train reply beside ``shared_models.replies``'
+            (the coordinator rejects a reply with a key missing or one more).
     """
 
     name: str
@@ -101,6 +103,7 @@ class ModelFamily:
     apply: VolumeApply | None = None
     head: tuple[str, ...] = ()
     conditioned: str | None = None
+    train_metrics: tuple[str, ...] = ()
 
 
 #: Every registered family by name, filled on first use (:func:`families`).
@@ -134,6 +137,7 @@ def register_model(
     apply: VolumeApply | None = None,
     head: tuple[str, ...] = (),
     conditioned: str | None = None,
+    train_metrics: tuple[str, ...] = (),
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator registering a model class/factory as the family ``name`` (see :class:`ModelFamily`).
 
@@ -161,7 +165,7 @@ def register_model(
         MODELS[name] = ModelFamily(
             name, factory, defaults, dict(presets or {}), options=options, task=task,
             shared_state=_without_personal(shared_state), export=export, apply=apply, head=tuple(head),
-            conditioned=conditioned,
+            conditioned=conditioned, train_metrics=tuple(train_metrics),
         )
         return factory
 

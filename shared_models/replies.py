@@ -2,8 +2,8 @@
 sites must send exactly them.
 
 A ``train`` reply's MetricRecord carries :data:`TRAIN_METRICS`, plus :data:`LOCAL_DP_METRICS` when the run's ``dp``
-is ``local``, :data:`ADAPTIVE_CLIPPING_METRICS` with ``dp-clipping = "client-adaptive"`` and the family's own
-:data:`FAMILY_TRAIN_METRICS`. An ``evaluate`` reply's carries :data:`EVALUATE_METRICS`. A reply with a key missing or
+is ``local``, :data:`ADAPTIVE_CLIPPING_METRICS` with ``dp-clipping = "client-adaptive"`` and the family's own (its registry
+entry's ``train_metrics``). An ``evaluate`` reply's carries :data:`EVALUATE_METRICS`. A reply with a key missing or
 one more is rejected by the coordinator (``server.updates``): Flower's aggregation needs every reply of a round to
 carry the same keys. A site that adds or drops a key updates this module in the same change.
 
@@ -12,6 +12,8 @@ average (train: its training examples, ``Pairing.num_examples``; evaluate: its s
 """
 
 from __future__ import annotations
+
+from shared_models.registry import family
 
 #: Every train reply: the example count that weights the site, the local loss (mean over the last quarter of its
 #: steps), patches seen, wall time and the files the site could not read.
@@ -22,8 +24,6 @@ LOCAL_DP_METRICS = ("dp-clipped-fraction", "dp-units-per-step", "dp-epsilon", "d
 #: Flower's ``adaptiveclipping_mod`` (central DP, client-side adaptive clipping) reports whether it clipped the
 #: update under Flower's ``KEY_NORM_BIT`` (this module imports no Flower).
 ADAPTIVE_CLIPPING_METRICS = ("norm_bit",)
-#: A family's own train metrics, by family name (its registry entry's name).
-FAMILY_TRAIN_METRICS: dict[str, tuple[str, ...]] = {"gan": ("d-loss", "g-adv-loss")}
 #: The image metrics of a validation score (client/evaluation.py), each also of the interpolation baseline.
 IMAGE_METRICS = ("psnr", "ssim", "nrmse", "hfen")
 #: Every evaluate reply: the model's and the baseline's scores, what was scored, wall time, the example count
@@ -36,7 +36,7 @@ SCAN_METRICS = (*IMAGE_METRICS, "dc-error", "hf-excess")
 
 def train_metric_keys(model: str, dp: str, dp_clipping: str) -> frozenset[str]:
     """The exact keys of a train reply of a run of family ``model`` with these ``dp`` / ``dp-clipping`` settings."""
-    keys = set(TRAIN_METRICS) | set(FAMILY_TRAIN_METRICS.get(model, ()))
+    keys = set(TRAIN_METRICS) | set(family(model).train_metrics)
     if dp == "local":
         keys |= set(LOCAL_DP_METRICS)
     if dp == "central" and dp_clipping == "client-adaptive":
