@@ -11,8 +11,10 @@ import sys
 import time
 import tomllib
 from pathlib import Path
+from unittest import mock
 
 import pytest
+import typer.rich_utils
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -35,8 +37,10 @@ def fedsr(*args: str, **kwargs) -> subprocess.Popen:
 
 
 def invoke(*args: str):
-    """``fedsr ARGS`` in this process, on a wide terminal (help lines unwrapped)."""
-    return CliRunner().invoke(root_app, list(args), env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
+    """``fedsr ARGS`` in this process, on a wide terminal (help lines unwrapped). Typer reads TERMINAL_WIDTH once,
+    when it is first imported (in a test worker that may be before this test), so its width is set here too."""
+    with mock.patch.object(typer.rich_utils, "MAX_WIDTH", 400):
+        return CliRunner().invoke(root_app, list(args), env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
 
 
 # --------------------------------------------------------------------------- options from the declarations
