@@ -19,9 +19,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Message
+from flwr.clientapp.typing import Mod
 from flwr.serverapp import Grid, ServerApp
 
 from client.safe_errors import CATEGORIES, DETAIL
@@ -81,6 +83,23 @@ def recording_server_app(settings: RunSettings) -> tuple[ServerApp, list[Message
         run_federation(RecordingGrid(grid, replies), settings)  # type: ignore[arg-type]  # a Grid by delegation
 
     return app, replies
+
+
+def run_recorded(settings: RunSettings, site_dirs: Sequence[str | Path], mods: Sequence[Mod] = ()) -> list[Message]:
+    """One federation of ``settings`` on Flower's simulation engine, a simulated site per folder of ``site_dirs``
+    (the ClientApp with ``mods``), one core per site; returns every reply the coordinator pulled."""
+    from flwr.simulation import run_simulation
+
+    from client.app import build_client_app
+
+    server_app, replies = recording_server_app(settings)
+    run_simulation(
+        server_app=server_app,
+        client_app=build_client_app([str(folder) for folder in site_dirs], mods=mods),
+        num_supernodes=len(site_dirs),
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
+    )
+    return replies
 
 
 def travelling_arrays(settings: RunSettings) -> dict[str, tuple[tuple[int, ...], str]]:

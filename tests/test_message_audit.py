@@ -15,10 +15,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.simulation import run_simulation
 
-from client.app import build_client_app
-from message_audit import audit, recording_server_app, travelling_arrays
+from message_audit import audit, run_recorded, travelling_arrays
 from server.settings import RunSettings
 from simulation.phantoms import write_phantom_sites
 from test_cross_site import keep_at_home
@@ -34,13 +32,7 @@ def audited_run(tmp_path_factory):
     folders = [broken_site(sites / "site-0-broken"), *good]
     settings = RunSettings(num_rounds=1, num_sites=3, min_sites=1, local_steps=4, batch_size=4, patch_size=32,
                            eval_max_slices=4, baselines="local", run_dir=str(root / "run"), sites_dir=str(sites))
-    server_app, replies = recording_server_app(settings)
-    run_simulation(
-        server_app=server_app,
-        client_app=build_client_app([str(folder) for folder in folders]),
-        num_supernodes=3,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
-    )
+    replies = run_recorded(settings, folders)
     forbidden = [PATIENT, SCAN, folders[0].name]
     for folder in folders:
         forbidden.append(str(folder))

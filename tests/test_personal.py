@@ -14,15 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.simulation import run_simulation
 
 from client.acquisition import site_acquisition
-from client.app import build_client_app
 from client.evaluation import evaluate_pairs
 from client.personal import head_path, head_state, scoring_head
 from client.state import load_state, save_state_atomic, site_state_dir
 from client.tasks import RoundJob, task_for
-from message_audit import audit, recording_server_app, travelling_arrays
+from message_audit import audit, run_recorded, travelling_arrays
 from server.settings import RunSettings
 from shared_models.checkpoint import load_checkpoint
 from shared_models.conditioning import FILM_NAME, set_acquisition
@@ -41,13 +39,7 @@ def federation(tmp_path_factory) -> dict:
                            patch_size=32, eval_max_slices=4, baselines="local", evaluate_round_zero=False,
                            personal="head", condition="acquisition", run_dir=str(root / "run"),
                            sites_dir=str(root / "sites"))
-    server_app, replies = recording_server_app(settings)
-    run_simulation(
-        server_app=server_app,
-        client_app=build_client_app([str(site) for site in sites]),
-        num_supernodes=2,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
-    )
+    replies = run_recorded(settings, sites)
     return {"settings": settings, "sites": sites, "replies": replies, "run": root / "run"}
 
 

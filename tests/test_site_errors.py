@@ -16,16 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import Context, Message
-from flwr.simulation import run_simulation
 
-from client.app import build_client_app
 from client.data.errors import SiteError
 from client.data.site import load_site
 from client.policy import SiteRefusal
 from client.safe_errors import CATEGORIES, MAX_DETAIL, PASS_THROUGH, category_of, reply_reason, scrub
 from client.state import site_state_dir
 from client.tasks.base import RoundJob
-from message_audit import recording_server_app
+from message_audit import run_recorded
 from server.settings import RunSettings
 from simulation.phantoms import write_phantom_sites
 
@@ -72,7 +70,6 @@ def failing_run(tmp_path_factory):
     run_dir = root / "run"
     settings = RunSettings(num_rounds=1, num_sites=3, min_sites=1, local_steps=4, batch_size=4, patch_size=32,
                            eval_max_slices=4, baselines="local", run_dir=str(run_dir), sites_dir=str(sites))
-    server_app, replies = recording_server_app(settings)
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
@@ -82,13 +79,8 @@ def failing_run(tmp_path_factory):
         logger.addHandler(handler)
         logger.setLevel(logging.DEBUG)
     try:
-        run_simulation(
-            server_app=server_app,
-            client_app=build_client_app(folders, mods=[functools.partial(keep_site_log, str(site_log)),
-                                                       functools.partial(fail_at, str(good[1]), 2)]),
-            num_supernodes=3,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
-        )
+        replies = run_recorded(settings, folders, mods=[functools.partial(keep_site_log, str(site_log)),
+                                                        functools.partial(fail_at, str(good[1]), 2)])
     finally:
         for logger, level in zip(loggers, levels):
             logger.removeHandler(handler)
