@@ -13,6 +13,14 @@ Large scans: :func:`iter_super_resolve` hands the output out in slabs along Z as
 for 2D models; for 3D models each row of tiles along Z, the finished slices before the next row starts), so a
 writer can store them as they come and only a slab of the output is ever held; :func:`plan_inference` sizes the
 slice batches and tiles from the memory free on the device.
+
+Precision: every forward pass here runs in full float32, with CUDA's TF32 convolutions and matrix products turned
+off for its duration (:func:`shared_models.precision.exact_float32`; a family's own inference, e.g.
+SMORE's planes, does the same), so a scan super-resolved (or a site's validation scored) on a GPU
+equals the CPU result to float rounding, whatever GPU the site has. Measured on an H100 with a 3D EDSR whose weights
+were moved off their start (``benchmarks/gpu_check.py``): TF32 left on, the tiled forward differed from the CPU's by
+up to 5e-4 of the output range, and ``fedsr infer`` of a 96x96x48 phantom by up to 4.5e-2 (44 of 982 units at one
+voxel); TF32 off, by 1e-6. Training keeps TF32 (client/device.py): its rounding is noise among the gradients'.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import torch
 from torch import nn
 
 from shared_models.image import ScanImage
+from shared_models.precision import exact_float32
 from shared_models.registry import family_of, model_spec
 
 TILE = 32  # LR voxels per tile side (3D)
@@ -335,7 +344,9 @@ def _slice_batches(
     for start in range(0, len(index), batch_size):
         chunk = np.moveaxis(lr_volume[:, :, index[start : start + batch_size]], 2, 0)[:, None]
         batch = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32)).to(device)
-        yield start, np.moveaxis(model(batch).clamp_(0.0, 1.0)[:, 0].cpu().numpy(), 0, 2)
+        with exact_float32():
+            out = model(batch).clamp_(0.0, 1.0)[:, 0].cpu().numpy()
+        yield start, np.moveaxis(out, 0, 2)
 
 
 def _tile_starts(length: int, tile: int, overlap: int) -> tuple[list[int], int]:
@@ -417,7 +428,8 @@ def _tiled_slabs(
                 batch = torch.cat([
                     lr[:, :, x0 : x0 + sizes[0], y0 : y0 + sizes[1], z0 : z0 + sizes[2]] for x0, y0 in chunk
                 ])
-                pred = model(batch.to(device)).float().cpu()
+                with exact_float32():
+                    pred = model(batch.to(device)).float().cpu()
                 if pred.shape[2:] != tuple(scale * n for n in sizes):
                     raise ValueError(f"model output {tuple(pred.shape)} is not {scale} x the tile {sizes}")
                 for i, (x0, y0) in enumerate(chunk):
@@ -439,7 +451,8 @@ def _scale_of(model: nn.Module, lr: torch.Tensor, device: torch.device | str) ->
         scale = None
     if scale is None:
         probe = lr[:1, :, :8, :8, :8]
-        shape = model(probe.to(device)).shape[2:]
+        with exact_float32():
+            shape = model(probe.to(device)).shape[2:]
         ratios = {o / n for o, n in zip(shape, probe.shape[2:])}
         if len(ratios) != 1 or not float(next(iter(ratios))).is_integer():
             raise ValueError(f"cannot tell the model's scale: {tuple(probe.shape)} -> {tuple(shape)}")

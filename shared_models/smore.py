@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared_models.edsr import ResidualBlock
+from shared_models.precision import exact_float32
 from shared_models.registry import register_model
 
 __all__ = [
@@ -197,7 +198,8 @@ def super_resolve_planes(
     outputs = []
     for start in range(0, planes.shape[0], batch_size):
         chunk = np.ascontiguousarray(planes[start : start + batch_size, None])
-        out = model(torch.from_numpy(chunk).to(device))[:, 0].float()
+        with exact_float32():  # as every inference path (shared_models/inference.py)
+            out = model(torch.from_numpy(chunk).to(device))[:, 0].float()
         outputs.append((out.clamp_(0.0, 1.0) if clamp else out).cpu())
     return torch.cat(outputs).numpy()
 
