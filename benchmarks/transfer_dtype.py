@@ -13,9 +13,14 @@ site (``cross_site.json``). Targets: float16 halves the weights' bytes per round
 carries a header of fixed size) and changes the PSNR by less than 0.05 dB at every site; the ratio in all is shown
 beside. Writes ``benchmarks/results/transfer_dtype.json``.
 
-    python benchmarks/transfer_dtype.py [--run-config "num-rounds=2 local-steps=5"] [--out DIR]
+With ``--seeds`` the pair of runs is repeated for each seed (run-config ``seed``: initial weights, patch sampling):
+the PSNR change is then the mean over the seeds of each seed's float16 - float32 difference, shown beside the spread
+of float32 itself from seed to seed (the largest - smallest PSNR at each site), the scale of change that any
+perturbation of training, float16 or another seed, makes on these short runs.
 
-The full run: two default federations (about 3 minutes on 2 cores).
+    python benchmarks/transfer_dtype.py [--seeds 0 1 2] [--run-config "num-rounds=2 local-steps=5"] [--out DIR]
+
+The full run: two default federations per seed (about 3 minutes a seed on 2 cores).
 """
 
 from __future__ import annotations
@@ -95,10 +100,28 @@ def figures(run_dir: Path) -> dict:
             "psnr": {site: float(np.mean(metrics["psnr"])) for site, metrics in scores.items()}}
 
 
+def finished_run(folder: Path, sites: Path, dtype: str, seed: int, run_config: str) -> Path:
+    """The run folder of one federation (``folder/run``), run in a process of its own unless an earlier call with
+    the same ``--out`` finished it."""
+    run_dir = folder / "run"
+    if not (run_dir / "cross_site.json").exists():
+        log_path = folder / "run.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("w") as log_file:
+            done = subprocess.run([sys.executable, __file__, "--one", dtype, str(run_dir), str(sites),
+                                   "--run-config", f"{run_config} seed={seed}".strip()], stdout=log_file,
+                                  stderr=subprocess.STDOUT,
+                                  env=dict(os.environ, FLWR_TELEMETRY_ENABLED="0", RAY_DEDUP_LOGS="0"))
+        if done.returncode != 0:
+            raise SystemExit(f"the {dtype} run failed; see {log_path}:\n" + log_path.read_text()[-3000:])
+    return run_dir
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-config", default="", help="run-config keys for both runs, as fedsr simulate takes them")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one pair of runs per seed")
     parser.add_argument("--one", nargs=3, metavar=("DTYPE", "RUN_DIR", "SITES_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -108,37 +131,35 @@ def main() -> int:
     sites = out / "sites"
     if not sites.exists():
         write_phantom_sites(sites, n_sites=3)
-    runs = {}
-    for dtype in DTYPES:
-        run_dir = out / dtype / "run"
-        if not (run_dir / "cross_site.json").exists():  # a finished run of an earlier call with the same --out
-            log_path = out / dtype / "run.log"
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            with log_path.open("w") as log_file:
-                done = subprocess.run([sys.executable, __file__, "--one", dtype, str(run_dir), str(sites),
-                                       "--run-config", args.run_config], stdout=log_file, stderr=subprocess.STDOUT,
-                                      env=dict(os.environ, FLWR_TELEMETRY_ENABLED="0", RAY_DEDUP_LOGS="0"))
-            if done.returncode != 0:
-                raise SystemExit(f"the {dtype} run failed; see {log_path}:\n" + log_path.read_text()[-3000:])
-        runs[dtype] = figures(run_dir)
-    ratio = runs["float16"]["bytes_per_round"] / runs["float32"]["bytes_per_round"]
-    weights = runs["float16"]["weight_bytes_per_round"] / runs["float32"]["weight_bytes_per_round"]
-    sites_scored = sorted(runs["float32"]["psnr"])
-    change = {site: runs["float16"]["psnr"][site] - runs["float32"]["psnr"][site] for site in sites_scored}
-    print(f"\n3 phantom sites; run config: {args.run_config or '(defaults)'}")
+    runs = {seed: {dtype: figures(finished_run(out / f"seed-{seed}" / dtype, sites, dtype, seed, args.run_config))
+                   for dtype in DTYPES} for seed in args.seeds}
+    first = runs[args.seeds[0]]
+    ratio = first["float16"]["bytes_per_round"] / first["float32"]["bytes_per_round"]
+    weights = first["float16"]["weight_bytes_per_round"] / first["float32"]["weight_bytes_per_round"]
+    sites_scored = sorted(first["float32"]["psnr"])
+    per_seed = {seed: {site: pair["float16"]["psnr"][site] - pair["float32"]["psnr"][site] for site in sites_scored}
+                for seed, pair in runs.items()}
+    change = {site: float(np.mean([per_seed[seed][site] for seed in args.seeds])) for site in sites_scored}
+    spread = {site: float(np.ptp([runs[seed]["float32"]["psnr"][site] for seed in args.seeds])) for site in sites_scored}
+    print(f"\n3 phantom sites; run config: {args.run_config or '(defaults)'}; seeds {args.seeds}")
     print(markdown_table(
-        ["transfer dtype", "kB per round", "of which weights", *(f"{site} PSNR dB" for site in sites_scored)],
-        [[dtype, f"{runs[dtype]['bytes_per_round'] / 1e3:.1f}", f"{runs[dtype]['weight_bytes_per_round'] / 1e3:.1f}",
-          *(f"{runs[dtype]['psnr'][s]:.3f}" for s in sites_scored)] for dtype in DTYPES],
+        ["seed", "transfer dtype", "kB per round", "of which weights", *(f"{site} PSNR dB" for site in sites_scored)],
+        [[str(seed), dtype, f"{pair[dtype]['bytes_per_round'] / 1e3:.1f}",
+          f"{pair[dtype]['weight_bytes_per_round'] / 1e3:.1f}", *(f"{pair[dtype]['psnr'][s]:.3f}" for s in sites_scored)]
+         for seed, pair in runs.items() for dtype in DTYPES],
     ))
+    print(markdown_table(["site", "float16 - float32, mean over seeds (dB)", "float32 spread over seeds (dB)"],
+                         [[site, f"{change[site]:+.3f}", f"{spread[site]:.3f}"] for site in sites_scored]))
     worst = max(abs(d) for d in change.values())
     print(f"float16 / float32 bytes per round: {ratio:.3f} in all, {weights:.3f} of the weights (target <= "
           f"{BYTES_TARGET}: half, plus the arrays' headers); largest PSNR change {worst:.4f} dB (target < "
           f"{PSNR_TARGET_DB}): " + ("targets met" if weights <= BYTES_TARGET and worst < PSNR_TARGET_DB
                                     else "targets NOT met"))
-    path = write_results("transfer_dtype", {"run_config": args.run_config, "runs": runs, "bytes_ratio": ratio,
-                                            "weight_bytes_ratio": weights, "psnr_change_db": change,
-                                            "bytes_target": BYTES_TARGET, "psnr_target_db": PSNR_TARGET_DB})
+    path = write_results("transfer_dtype", {"run_config": args.run_config, "seeds": args.seeds, "runs": runs,
+                                            "bytes_ratio": ratio, "weight_bytes_ratio": weights,
+                                            "psnr_change_db": change, "psnr_change_by_seed_db": per_seed,
+                                            "float32_spread_db": spread, "bytes_target": BYTES_TARGET,
+                                            "psnr_target_db": PSNR_TARGET_DB})
     print(f"figures: {path}; runs: {out}")
     return 0
 

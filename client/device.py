@@ -1,8 +1,8 @@
 """Choosing the torch device a site trains on, and the tensor layout there.
 
 On CUDA, training runs in float32 (cuDNN convolutions use TF32 tensor cores, PyTorch's default) with channels-last
-tensors. bfloat16 autocast is not used: on an H100 it ran these networks at 0.74-0.86x the float32 speed for tiny
-and base EDSR in 2D and 3D (``python benchmarks/gpu_check.py``, README "Measured numbers"); the convolutions are
+tensors. bfloat16 autocast is not used: on an H100 it ran the tiny and base residual CNNs in 2D and 3D at 0.74-0.87x
+the float32 speed in two runs (``python benchmarks/gpu_check.py``, README "Measured numbers"); the convolutions are
 too small for halved precision to pay for autocast's casts.
 """
 
@@ -26,8 +26,8 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def memory_format(device: torch.device, ndim: int) -> torch.memory_format:
-    """Channels-last on CUDA (1.09x and 1.22x float32's contiguous speed for base EDSR in 2D and 3D on an H100,
-    0.89x and 0.99x for tiny), the default layout on the CPU.
+    """Channels-last on CUDA (on an H100, 1.05-1.28x the contiguous float32 speed for the base residual CNN in 2D
+    and 3D over two runs, 0.89-1.16x for the tiny one), the default layout on the CPU.
 
     ``ndim``: dimensions of the batches (4 for 2D images, 5 for volumes).
     """

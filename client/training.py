@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 #: A patch whose brightest HR voxel is below this (normalised units) is background and is re-drawn.
 FOREGROUND_LEVEL = 0.05
 #: Steps between checks that the training loss is finite. A check waits for the GPU; checking every step made
-#: training of base EDSR 2D on an H100 25 % slower than a loop without it (benchmarks/gpu_check.py). A NaN found
+#: training of a base-preset 2D CNN on an H100 25 % slower than a loop without it (benchmarks/gpu_check.py). A NaN found
 #: late is as final: the round fails and its weights are never sent.
 FINITE_CHECK_EVERY = 20
 
