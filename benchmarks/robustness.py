@@ -15,7 +15,12 @@ never joined (the best a rejection can give the honest sites: excluding a site a
 the poisoned site's rejected replies by rule. Target: with validation on, every honest site within 0.2 dB of the
 clean federation. Writes ``benchmarks/results/robustness.json``.
 
-    python benchmarks/robustness.py [--kinds nan scale:100 ...] [--out DIR] [fedsr simulate flags ...]
+``--seeds 0 1 2``: the table above for the first seed; for each further seed (``--seed``: initial weights, patch
+sampling) the clean federation, the one without the poisoned site and the first fault with validation on, so the
+change that excluding the poisoned site brings the honest sites is shown as a mean over the seeds, beside the
+clean federation's own spread from seed to seed.
+
+    python benchmarks/robustness.py [--kinds nan scale:100 ...] [--seeds 0 1 2] [--out DIR] [fedsr simulate flags ...]
 
 Extra flags go to every ``fedsr simulate`` (e.g. ``--rounds 2 --local-steps 5`` for a quick look); not
 ``--run-config``, which this script sets. The full run: 11 federations of the default settings (about 20 minutes
@@ -68,6 +73,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), help="faults to inject (--inject KIND)")
     parser.add_argument("--sites", type=int, default=4)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="the full table for the first; see above")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (a finished run is reused)")
     args, extra = parser.parse_known_args()
     if "--run-config" in extra:
@@ -77,7 +83,7 @@ def main() -> int:
     if not sites.exists():
         write_phantom_sites(sites, n_sites=args.sites)
     poisoned = sorted(p.name for p in sites.iterdir() if p.is_dir())[0]
-    argv = ["--baselines", "none", *extra]
+    argv = ["--baselines", "none", "--seed", str(args.seeds[0]), *extra]
 
     clean = federation(out, "clean", sites, argv)
     honest = sorted(site for site in clean["psnr"] if site != poisoned)
@@ -99,6 +105,23 @@ def main() -> int:
                          "within_target": worst <= TARGET_DB, "worst_vs_without_db": vs_without})
             print(f"  {name}: worst honest-site change {worst:.3f} dB", flush=True)
 
+    by_seed = {args.seeds[0]: {"clean": clean["psnr"], "without": without["psnr"],
+                               "fault_on": next(r["psnr"] for r in runs if r["validation"] == "on")}}
+    for seed in args.seeds[1:]:
+        seeded = ["--baselines", "none", "--seed", str(seed), *extra]
+        by_seed[seed] = {
+            "clean": federation(out, f"seed-{seed}-clean", sites, seeded)["psnr"],
+            "without": federation(out, f"seed-{seed}-without-poisoned-site", honest_sites, seeded)["psnr"],
+            "fault_on": federation(out, f"seed-{seed}-{args.kinds[0].replace(':', '-')}-on", sites,
+                                   [*seeded, "--inject", f"{poisoned}:{args.kinds[0]}"])["psnr"],
+        }
+    seeds_summary = {site: {
+        "fault_on_minus_clean_mean_db": float(np.mean([r["fault_on"][site] - r["clean"][site]
+                                                       for r in by_seed.values()])),
+        "fault_on_equals_without": all(r["fault_on"][site] == r["without"][site] for r in by_seed.values()),
+        "clean_spread_db": float(np.ptp([r["clean"][site] for r in by_seed.values()])),
+    } for site in honest}
+
     def rules(run: dict) -> str:
         return ", ".join(f"{rule} x{n}" for rule, n in run["rejected"].get(poisoned, {}).items()) or "-"
 
@@ -113,12 +136,21 @@ def main() -> int:
         [[r["fault"], r["validation"], rules(r), *(r["delta"][site] for site in honest), r["worst_db"],
           "yes" if r["within_target"] else "NO", r["worst_vs_without_db"]] for r in runs],
     ))
+    if len(by_seed) > 1:
+        print(f"\nover seeds {args.seeds} ({args.kinds[0]} at {poisoned}, validation on):")
+        print(markdown_table(
+            ["honest site", "fault (on) - clean, mean dB", "fault (on) = without it, every seed",
+             "clean spread over seeds dB"],
+            [[site, f"{v['fault_on_minus_clean_mean_db']:+.3f}", "yes" if v["fault_on_equals_without"] else "NO",
+              f"{v['clean_spread_db']:.3f}"] for site, v in seeds_summary.items()]))
     failed = [f"{r['fault']}" for r in runs if r["validation"] == "on" and not r["within_target"]]
     print("target (validation on, every honest site within 0.2 dB of clean):",
           "met for every fault" if not failed else f"NOT met for {', '.join(failed)}")
     path = write_results("robustness", {"poisoned_site": poisoned, "honest_sites": honest, "flags": argv,
                                         "validation_off": OFF, "target_db": TARGET_DB, "clean": clean,
-                                        "without_poisoned_site": without, "runs": runs})
+                                        "without_poisoned_site": without, "runs": runs,
+                                        "seeds": {str(k): v for k, v in by_seed.items()},
+                                        "over_seeds": seeds_summary})
     print(f"figures: {path}; runs: {out}")
     return 0
 

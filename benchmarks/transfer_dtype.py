@@ -140,12 +140,15 @@ def main() -> int:
     per_seed = {seed: {site: pair["float16"]["psnr"][site] - pair["float32"]["psnr"][site] for site in sites_scored}
                 for seed, pair in runs.items()}
     change = {site: float(np.mean([per_seed[seed][site] for seed in args.seeds])) for site in sites_scored}
-    spread = {site: float(np.ptp([runs[seed]["float32"]["psnr"][site] for seed in args.seeds])) for site in sites_scored}
+    spread = {site: float(np.ptp([runs[seed]["float32"]["psnr"][site] for seed in args.seeds]))
+              for site in sites_scored}
     print(f"\n3 phantom sites; run config: {args.run_config or '(defaults)'}; seeds {args.seeds}")
     print(markdown_table(
-        ["seed", "transfer dtype", "kB per round", "of which weights", *(f"{site} PSNR dB" for site in sites_scored)],
+        ["seed", "transfer dtype", "kB per round", "of which weights",
+         *(f"{site} PSNR dB" for site in sites_scored)],
         [[str(seed), dtype, f"{pair[dtype]['bytes_per_round'] / 1e3:.1f}",
-          f"{pair[dtype]['weight_bytes_per_round'] / 1e3:.1f}", *(f"{pair[dtype]['psnr'][s]:.3f}" for s in sites_scored)]
+          f"{pair[dtype]['weight_bytes_per_round'] / 1e3:.1f}",
+          *(f"{pair[dtype]['psnr'][s]:.3f}" for s in sites_scored)]
          for seed, pair in runs.items() for dtype in DTYPES],
     ))
     print(markdown_table(["site", "float16 - float32, mean over seeds (dB)", "float32 spread over seeds (dB)"],
