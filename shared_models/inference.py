@@ -15,10 +15,10 @@ writer can store them as they come and only a slab of the output is ever held; :
 slice batches and tiles from the memory free on the device.
 
 Precision: every forward pass here runs in full float32, with CUDA's TF32 convolutions and matrix products turned
-off for its duration (:func:`shared_models.precision.exact_float32`; a family's own whole-volume inference
-does the same), so a scan super-resolved (or a site's validation scored) on a GPU
-equals the CPU result to float rounding, whatever GPU the site has. Measured on an H100 with a 3D residual CNN whose weights
-were moved off their start (``benchmarks/gpu_check.py``): TF32 left on, the tiled forward differed from the CPU's by
+off for its duration (:func:`shared_models.precision.exact_float32`; a family's own whole-volume inference does
+the same), so a scan super-resolved (or a site's validation scored) on a GPU equals the CPU result to float
+rounding, whatever GPU the site has. Measured on an H100 with a 3D residual CNN whose weights were moved off their
+start (``benchmarks/gpu_check.py``): TF32 left on, the tiled forward differed from the CPU's by
 up to 5e-4 of the output range, and ``fedsr infer`` of a 96x96x48 phantom by up to 4.5e-2 (44 of 982 units at one
 voxel); TF32 off, by 1e-6. Training keeps TF32 (client/device.py): its rounding is noise among the gradients'.
 """
