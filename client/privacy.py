@@ -239,8 +239,10 @@ def unit_rows(n_units: int, per_unit: int) -> torch.Tensor:
 def train_private(model: nn.Module, units: PrivacyUnits, plan: PrivacyPlan, job: RoundJob) -> dict[str, float]:
     """``plan.steps`` DP-SGD (Adam) steps on ``units`` with the job's loss and learning rate; ``model`` is trained
     in place and left on the job's device. FedProx's term (``job.proximal``) is added to the private gradient after
-    clipping and noise (it reads no training data). Returns ``train-*`` metrics and what clipping did
-    (``dp-clipped-fraction``: of the units sampled; ``dp-units-per-step``: mean)."""
+    clipping and noise (it reads no training data). ``train-loss``: the mean over the last quarter of the steps that
+    sampled a unit; when none did, the trained model's loss on an expected step's worth of units (no gradient).
+    Returns ``train-*`` metrics and what clipping did (``dp-clipped-fraction``: of the units sampled;
+    ``dp-units-per-step``: mean)."""
     device = job.torch_device
     criterion = loss_from_spec(job.loss).to(device)
     model.to(device, memory_format=torch.contiguous_format).train()
@@ -264,7 +266,13 @@ def train_private(model: nn.Module, units: PrivacyUnits, plan: PrivacyPlan, job:
             losses.append(value)
         sampled += len(chosen)
     private.close()  # hooks and per-sample buffers gone; ``model`` keeps its trained weights
-    tail = float(np.mean(losses[-max(1, len(losses) // 4):])) if losses else float("nan")
+    if not losses:  # Poisson sampling drew no unit in any step (rare; the update is noise alone): the loss of the
+        # trained model on an expected step's worth of units, so the reply's train-loss stays a number
+        expected = np.arange(min(plan.units, max(1, round(plan.sample_rate * plan.units))))
+        lr, hr = (t.to(device) for t in units.batch(expected))
+        with torch.no_grad():
+            losses.append(float(_batch_loss(model, criterion=criterion, lr=lr, hr=hr)))
+    tail = float(np.mean(losses[-max(1, len(losses) // 4):]))
     return {"train-loss": tail, "train-patches": sampled * units.per_unit, "train-seconds": time.perf_counter() - start,
             **clipping_metrics(private.clipped, sampled, plan)}
 

@@ -17,7 +17,7 @@ from client.pairs import prepare_site
 from client.paired import paired_for
 from client.policy import SiteRefusal
 from client.privacy import (PatientUnits, PrivateGradient, TileUnits, check_budget, clip_factors, plan_round,
-                            private_fit, unit_rows)
+                            private_fit, train_private, unit_rows)
 from client.privacy_ledger import LEDGER_NAME, LedgerError, Mechanism, PrivacyLedger, epsilon_of
 from client.state import DEFAULT_STATE_DIR_NAME
 from conftest import make_thick_site
@@ -125,6 +125,20 @@ def test_the_noise_is_planned_for_the_whole_training_not_per_round(site, round_j
     whole = epsilon_of([plan.mechanism] * job.num_rounds, 1e-5)
     assert 3.9 <= whole <= 4.0  # all rounds together spend the target (Opacus' search tolerance: 0.01)
     assert epsilon_of([plan.mechanism], 1e-5) < 3.0  # one round spends less: sigma was not planned per round
+
+
+def test_a_round_whose_sampling_drew_no_patient_still_reports_a_finite_loss(site, round_job):
+    """Poisson sampling can draw no unit in any step of a round (the update is then noise alone); the reply's
+    train-loss must still be a number, or the coordinator rejects the site's reply as non-finite."""
+    job = dp_job(round_job)
+    units = PatientUnits(site, job, np.random.default_rng(0), job.dp_patches_per_patient)
+    plan = dataclasses.replace(plan_round(units, job, 1e-5), sample_rate=1e-12)
+    model = build_from_settings(job)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    metrics = train_private(model, units, plan, job)
+    assert metrics["train-patches"] == 0 and metrics["dp-units-per-step"] == 0
+    assert math.isfinite(metrics["train-loss"]) and metrics["train-loss"] > 0
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the noise still moved it
 
 
 def test_patch_units_are_the_tiles_of_the_training_slices(site):
