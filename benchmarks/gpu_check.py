@@ -115,7 +115,7 @@ def tf32_check(model: torch.nn.Module) -> int:
     with torch.no_grad():
         on_cpu = tiled_forward(model.cpu(), volume, tile=24, overlap=16, device="cpu")
     span = float(on_cpu.max() - on_cpu.min())
-    worst = {}
+    found, worst = torch.backends.cudnn.allow_tf32, {}
     for tf32 in (True, False):
         torch.backends.cudnn.allow_tf32 = tf32
         with torch.no_grad():
@@ -125,7 +125,7 @@ def tf32_check(model: torch.nn.Module) -> int:
         high = float(difference.kthvalue(int(0.999 * difference.numel())).values)
         print(f"tiled 3D forward, GPU (TF32 {'allowed' if tf32 else 'off'} process-wide) vs CPU: largest difference "
               f"{worst[tf32]:.2e}, 99.9th percentile {high:.2e} of the range", flush=True)
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = found
     return int(max(worst.values()) > 1e-4)
 
 
